@@ -1,0 +1,24 @@
+"""Trains one run: `python -m experiments.train --config=configs/NAME.py[:ARG] --workdir=DIR`.
+
+Any config key can be overridden: `--config.local_sgd.sync_every=50 --config.algorithm=ddp`.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lsgd_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,13 @@
+"""Test set-up: 8 fake CPU devices, set before JAX is imported anywhere."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  (after XLA_FLAGS on purpose)
+
+assert jax.device_count() == 8, "conftest must run before anything imports jax"
