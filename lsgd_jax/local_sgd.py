@@ -53,10 +53,19 @@ class TrainState(NamedTuple):
 
 def replica_step(params: PyTree, opt_state: PyTree, batch: jax.Array, *, loss_fn: LossFn,
                  tx: optax.GradientTransformation, grad_axes: tuple[str, ...]):
-  """One optimizer step of one replica; gradients are averaged over the mesh axes `grad_axes`."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-  if grad_axes:
-    loss, grads = lax.pmean((loss, grads), grad_axes)
+  """One optimizer step of one replica; gradients are averaged over the mesh axes `grad_axes`.
+
+  Under `shard_map` the parameters are invariant over `grad_axes` (every device of the replica
+  holds the same copy), so differentiating the mean loss over those axes makes JAX all-reduce the
+  gradient itself (the transpose of the implicit broadcast is a psum): one all-reduce of the
+  gradients, no explicit `pmean` of them (which would reduce twice).
+  """
+
+  def replica_loss(p):
+    local = loss_fn(p, batch)
+    return lax.pmean(local, grad_axes) if grad_axes else local
+
+  loss, grads = jax.value_and_grad(replica_loss)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}

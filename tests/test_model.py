@@ -1,0 +1,74 @@
+"""Model: parameter counts against the formula, presets, causality, dtypes, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lsgd_jax import model
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("size", list(model.PRESETS))
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_count_matches_formula(size, tie):
+  cfg = model.model_config(size, vocab_size=1000, tie_embeddings=tie)
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: model.Transformer(cfg, nnx.Rngs(0))),
+                                      nnx.Param))
+  assert _count(params) == model.total_params(cfg)
+  embed = 1000 * cfg.d_model * (1 if tie else 2)
+  assert _count(params) - embed == model.non_embedding_params(cfg)
+
+
+@pytest.mark.parametrize("size", model.STUDY_SIZES)
+def test_study_presets_within_ten_percent_of_name(size):
+  n = model.non_embedding_params(model.model_config(size, vocab_size=32000))
+  assert abs(n / (float(size[:-1]) * 1e6) - 1) < 0.10
+
+
+def test_flops_per_token_formula():
+  cfg = model.model_config("5M", vocab_size=100)
+  n = model.non_embedding_params(cfg)
+  expected = 6 * n + 6 * cfg.num_layers * 512 * cfg.d_model + 6 * cfg.d_model * 100
+  assert model.train_flops_per_token(cfg, 512) == expected
+
+
+def test_forward_is_causal_and_float32():
+  cfg = model.model_config("cpu-tiny", vocab_size=50, max_seq_len=16, dtype="bfloat16")
+  params = model.init_params(cfg, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+  logits = model.apply(cfg, params, tokens)
+  assert logits.shape == (1, 8, 50) and logits.dtype == jnp.float32
+  changed = model.apply(cfg, params, tokens.at[0, 5].set(9))
+  np.testing.assert_array_equal(logits[0, :5], changed[0, :5])  # the past ignores the future
+  assert not np.allclose(logits[0, 5:], changed[0, 5:])
+
+
+def test_initial_loss_is_near_log_vocab():
+  cfg = model.model_config("cpu-tiny", vocab_size=256, max_seq_len=64)
+  params = model.init_params(cfg, jax.random.key(1))
+  batch = jax.random.randint(jax.random.key(2), (4, 33), 0, 256)
+  assert abs(float(model.loss_fn(cfg, params, batch)) - np.log(256)) < 0.1
+
+
+def test_tied_embeddings_share_the_table():
+  cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=8, tie_embeddings=True)
+  params = model.init_params(cfg, jax.random.key(0))
+  assert "head" not in params
+  assert model.apply(cfg, params, jnp.zeros((2, 4), jnp.int32)).shape == (2, 4, 40)
+
+
+def test_bad_model_inputs():
+  with pytest.raises(ValueError, match=r"Unknown model size '7M'.*allowed: .*5M"):
+    model.model_config("7M", vocab_size=10)
+  with pytest.raises(ValueError, match=r"compute dtype 'float16'"):
+    model.model_config("cpu-tiny", vocab_size=10, dtype="float16")
+  cfg = model.model_config("cpu-tiny", vocab_size=10, max_seq_len=8)
+  params = model.init_params(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"Sequence length 9 exceeds the model's max_seq_len 8"):
+    model.apply(cfg, params, jnp.zeros((1, 9), jnp.int32))
