@@ -22,6 +22,7 @@ import dataclasses
 import os
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from lsgd_jax import scaling
@@ -208,6 +209,12 @@ def _band(ax, fit: scaling.PowerLawFit, xs: np.ndarray, color: str, label: str) 
   ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
 
 
+def _log_y_labels(ax) -> None:
+  """Plain numbers on a log loss axis (it spans less than a decade)."""
+  for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+    axis(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+
+
 def _span(x: np.ndarray, pad: float = 1.5) -> np.ndarray:
   return np.geomspace(np.min(x) / pad, np.max(x) * pad, 200)
 
@@ -223,6 +230,7 @@ def plot_loss_vs_params(a: Analysis) -> Figure:
           f"{a.labels[alg]}: alpha = {fit.alpha:.4f} [{lo:.4f}, {hi:.4f}]")
   ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="eval loss",
          title=f"Loss vs N ({a.level:.0%} bootstrap bands)")
+  _log_y_labels(ax)
   ax.legend(fontsize=8)
   ax.grid(True, which="both", alpha=0.3)
   return fig
@@ -240,6 +248,7 @@ def plot_frontier(a: Analysis) -> Figure:
             f"{a.labels[alg]} frontier: alpha_C = {fr.fit.alpha:.4f}")
   ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="eval loss",
          title="Loss vs compute: runs (dots) and frontier (rings)")
+  _log_y_labels(ax)
   ax.legend(fontsize=8)
   ax.grid(True, which="both", alpha=0.3)
   return fig
@@ -266,6 +275,9 @@ def plot_difference(a: Analysis) -> Figure:
   x_star = cmp.crossover
   if np.isfinite(x_star) and xs[0] <= x_star <= xs[-1]:
     ax.axvline(x_star, color="C3", ls="--", lw=0.8, label=f"crossover N* = {x_star:.3g}")
+    lo, hi = cmp.crossover_interval
+    if np.isfinite(lo) and np.isfinite(hi):
+      ax.axvspan(max(lo, xs[0]), min(hi, xs[-1]), color="C3", alpha=0.07, lw=0)
   ax.set(xscale="log", xlabel="non-embedding parameters N",
          ylabel=f"loss({cmp.name_b}) - loss({cmp.name_a})", title="Local SGD minus DDP")
   ax.legend(fontsize=8)
@@ -293,10 +305,6 @@ def plot_ablation(a: Analysis) -> Figure:
 # ----------------------------------------------------------------------------- report
 
 
-def _iv(v: tuple[float, float]) -> str:
-  return f"[{scaling.format_number(v[0])}, {scaling.format_number(v[1])}]"
-
-
 def markdown(a: Analysis, plots: list[str], source: str = "") -> str:
   """The report: exponents, their difference, the crossover, the extrapolation check, H ablation."""
   ref_x = scaling.crossover("pure", *(np.array([p["alpha"], np.log(p["X_c"])])
@@ -315,11 +323,14 @@ def markdown(a: Analysis, plots: list[str], source: str = "") -> str:
   if c is None:
     out.append("Not available (needs L(N) fits of both `ddp` and `local_sgd`).")
   else:
+    d_lo, d_hi = c.d_alpha_interval
     out += [f"- exponent difference alpha(local SGD) - alpha(DDP): **{c.d_alpha:+.4f}** "
-            f"{_iv(c.d_alpha_interval)} ({'paired' if c.paired else 'independent'} bootstrap; "
-            f"paper: +0.003)",
-            f"- crossover N* where the laws give equal loss: **{scaling.format_number(c.crossover)}** "
-            f"{_iv(c.crossover_interval)}, found in {c.crossover_fraction:.0%} of the draws "
+            f"[{d_lo:+.4f}, {d_hi:+.4f}] ({'paired' if c.paired else 'independent'} "
+            "bootstrap; paper: +0.003)",
+            "- crossover N* where the laws give equal loss: "
+            f"**{scaling.format_number(c.crossover)}** "
+            f"{scaling.format_interval(*c.crossover_interval)}, "
+            f"found in {c.crossover_fraction:.0%} of the draws "
             f"(paper's laws: {ref_x:.3g})", "",
             "| N | DDP loss | local SGD loss | difference | law difference [interval] |",
             "|---|---|---|---|---|"]

@@ -76,7 +76,7 @@ def _fit_theta(form: str, logx: np.ndarray, logy: np.ndarray, loss: str, f_scale
       p0 = np.array([theta0[0] * (theta0[1] - m), theta0[0]])
       res = optimize.least_squares(lambda p: p[0] - p[1] * u - logy, p0, loss=loss,
                                    f_scale=f_scale, method="lm" if loss == "linear" else "trf")
-    else:  # p = (E, log A + ... centred, alpha) with E >= 0, 0 <= alpha <= 10
+    else:  # p = (E, log A - alpha m, alpha) with E >= 0, 0 <= alpha <= 10
       p0 = np.array([theta0[0], theta0[1] - theta0[2] * m, theta0[2]])
       p0 = np.clip(p0, [0.0, -np.inf, 0.0], [np.inf, np.inf, 10.0])
       res = optimize.least_squares(
@@ -146,7 +146,7 @@ class PowerLawFit:
 
   def __str__(self) -> str:
     iv = self.intervals
-    terms = ", ".join(f"{_label(k, self.x_name)} = {format_number(v)} [{format_number(iv[k][0])}, {format_number(iv[k][1])}]"
+    terms = ", ".join(f"{_label(k, self.x_name)} = {format_number(v)} {format_interval(*iv[k])}"
                       for k, v in self.params.items())
     return (f"{self.formula()}: {terms} ({self.level:.0%} bootstrap, {self.n_points} points, "
             f"rms log residual {self.rmse_log:.2g})")
@@ -172,6 +172,10 @@ def _label(key: str, x_name: str) -> str:
 
 def format_number(v: float) -> str:
   return f"{v:.4g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.3e}"
+
+
+def format_interval(lo: float, hi: float) -> str:
+  return f"[{format_number(lo)}, {format_number(hi)}]"
 
 
 def _bootstrap(draw: Callable[[np.random.Generator], np.ndarray | None], n_boot: int, seed: int,
@@ -276,7 +280,8 @@ class Extrapolation:
     return bool(self.lo <= self.observed <= self.hi)
 
   def __str__(self) -> str:
-    return (f"at X = {format_number(self.x)}: predicted {self.predicted:.4f} [{self.lo:.4f}, {self.hi:.4f}]"
+    return (f"at X = {format_number(self.x)}: predicted {self.predicted:.4f} "
+            f"[{self.lo:.4f}, {self.hi:.4f}]"
             f", observed {self.observed:.4f}, error {self.rel_error:+.2%} "
             f"({'inside' if self.inside else 'outside'} the {self.level:.0%} band)")
 
@@ -320,71 +325,58 @@ def crossover(form: str, theta_a: np.ndarray, theta_b: np.ndarray,
   sign_change = np.flatnonzero(np.sign(diff[:-1]) * np.sign(diff[1:]) < 0)
   if not sign_change.size:
     return math.nan
-  roots = [optimize.brentq(lambda t: float((_log_model(form, theta_a, np.array([t]))
-                                            - _log_model(form, theta_b, np.array([t])))[0]),
-                           grid[i], grid[i + 1]) for i in sign_change]
+  gap = lambda t: float(np.subtract(*(_log_model(form, th, np.array([t]))[0]
+                                      for th in (theta_a, theta_b))))
+  roots = [optimize.brentq(gap, grid[i], grid[i + 1]) for i in sign_change]
   return math.exp(min(roots, key=lambda r: abs(r - math.log(1e8))))
 
 
 @dataclasses.dataclass(eq=False)
 class Comparison:
-  """Law b against law a (e.g. local SGD against DDP): exponent difference and crossover."""
+  """Law b against law a (e.g. local SGD against DDP): exponent difference and crossover X*."""
 
   name_a: str
   name_b: str
   fit_a: PowerLawFit
   fit_b: PowerLawFit
   paired: bool              # sizes resampled jointly for both laws
-  boot_a: np.ndarray        # (n_boot, p) joint draws, row i of a with row i of b
+  boot_a: np.ndarray        # (n_boot, p) draws; row i of a goes with row i of b
   boot_b: np.ndarray
   level: float
+  d_alpha: float = math.nan                     # alpha_b - alpha_a
+  d_alpha_interval: tuple[float, float] = (math.nan, math.nan)
+  crossover: float = math.nan                   # NaN: the laws do not cross in (1, 1e30)
+  crossover_interval: tuple[float, float] = (math.nan, math.nan)  # over draws that cross
+  crossover_fraction: float = math.nan          # share of the draws that cross
 
-  @property
-  def d_alpha(self) -> float:
-    return self.fit_b.alpha - self.fit_a.alpha
-
-  @property
-  def d_alpha_interval(self) -> tuple[float, float]:
-    j = 0 if self.fit_a.form == "pure" else 2
-    lo, hi = _percentiles(self.boot_b[:, j] - self.boot_a[:, j], self.level)
-    return float(lo), float(hi)
-
-  @property
-  def crossover(self) -> float:
-    return crossover(self.fit_a.form, self.fit_a.theta, self.fit_b.theta)
-
-  def _boot_crossovers(self) -> np.ndarray:
-    return np.array([crossover(self.fit_a.form, a, b) for a, b in zip(self.boot_a, self.boot_b)])
-
-  @property
-  def crossover_interval(self) -> tuple[float, float]:
-    """Percentile interval of X* over the draws that have one (see crossover_fraction)."""
-    xs = self._boot_crossovers()
-    if not np.isfinite(xs).any():
-      return math.nan, math.nan
-    lo, hi = _percentiles(np.log(xs), self.level)
-    return float(np.exp(lo)), float(np.exp(hi))
-
-  @property
-  def crossover_fraction(self) -> float:
-    return float(np.mean(np.isfinite(self._boot_crossovers())))
+  def __post_init__(self):
+    form = self.fit_a.form
+    j = 2 if form == "offset" else 0  # column of alpha in the canonical parameters
+    self.d_alpha = self.fit_b.alpha - self.fit_a.alpha
+    self.d_alpha_interval = tuple(map(float, _percentiles(self.boot_b[:, j] - self.boot_a[:, j],
+                                                          self.level)))
+    self.crossover = crossover(form, self.fit_a.theta, self.fit_b.theta)
+    xs = np.array([crossover(form, a, b) for a, b in zip(self.boot_a, self.boot_b)])
+    self.crossover_fraction = float(np.mean(np.isfinite(xs)))
+    if np.isfinite(xs).any():
+      self.crossover_interval = tuple(float(np.exp(v)) for v in _percentiles(np.log(xs),
+                                                                             self.level))
 
   def difference(self, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L_b(x) - L_a(x) and its band from the joint draws."""
-    x = np.atleast_1d(np.asarray(x, dtype=float))
+    logx = np.log(np.atleast_1d(np.asarray(x, dtype=float)))
     form = self.fit_a.form
-    d = np.exp(_log_model(form, self.boot_b, np.log(x))) - np.exp(
-        _log_model(form, self.boot_a, np.log(x)))
-    lo, hi = _percentiles(d, self.level)
-    return self.fit_b.predict(x) - self.fit_a.predict(x), lo, hi
+    lo, hi = _percentiles(np.exp(_log_model(form, self.boot_b, logx)) -
+                          np.exp(_log_model(form, self.boot_a, logx)), self.level)
+    return self.fit_b.predict(np.exp(logx)) - self.fit_a.predict(np.exp(logx)), lo, hi
 
   def __str__(self) -> str:
     lo, hi = self.d_alpha_interval
-    xlo, xhi = self.crossover_interval
     return (f"alpha({self.name_b}) - alpha({self.name_a}) = {self.d_alpha:+.4f} [{lo:+.4f}, "
             f"{hi:+.4f}]; crossover {self.fit_a.x_name}* = {format_number(self.crossover)} "
-            f"[{format_number(xlo)}, {format_number(xhi)}] (found in {self.crossover_fraction:.0%} of draws; "
-            f"{self.level:.0%} {'paired' if self.paired else 'independent'} bootstrap)")
+            f"{format_interval(*self.crossover_interval)} (found in "
+            f"{self.crossover_fraction:.0%} of draws; {self.level:.0%} "
+            f"{'paired' if self.paired else 'independent'} bootstrap)")
 
 
 def compare_fits(x_a, loss_a, x_b, loss_b, form: str = "pure", *, names=("a", "b"),
@@ -401,8 +393,10 @@ def compare_fits(x_a, loss_a, x_b, loss_b, form: str = "pure", *, names=("a", "b
   fit_a = fit_power_law(xa, ya, form, seed=seed, **kw)
   fit_b = fit_power_law(xb, yb, form, seed=seed + 1, **kw)
   shared = np.unique(xa)
-  if paired is None:
-    paired = np.array_equal(shared, np.unique(xb))
+  same = np.array_equal(shared, np.unique(xb))
+  if paired and not same:
+    raise ValueError("A paired comparison needs the same distinct x values in both sets.")
+  paired = same if paired is None else paired
   if not paired:
     return Comparison(names[0], names[1], fit_a, fit_b, False, fit_a.boot, fit_b.boot, level)
   k, loss = _N_PARAMS[form], fit_kwargs.get("robust_loss", "soft_l1")
@@ -430,5 +424,5 @@ def fits_table(fits: dict[str, PowerLawFit]) -> str:
     iv = f.intervals
     for k, v in f.params.items():
       lines.append(f"| {name} | {f.formula()} | {_label(k, f.x_name)} | {format_number(v)} | "
-                   f"[{format_number(iv[k][0])}, {format_number(iv[k][1])}] | {f.n_points} |")
+                   f"{format_interval(*iv[k])} | {f.n_points} |")
   return "\n".join(lines)

@@ -156,6 +156,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     t_log, tokens_at_log = now, extra["tokens"]
     return record
 
+  if c.train.eval_every and c.train.eval_batches:  # the starting point of the eval curve
+    writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
+  t_log = t_start = time.perf_counter()
   for step in range(total):
     state, m = step_fn(state, batch)
     comm_bytes += step_comm.wire_bytes
@@ -176,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
              "sim_flops": (step + 1) * tokens_per_step * flops_per_token}
     want_eval = last or (c.train.eval_every and (step + 1) % c.train.eval_every == 0)
     if want_eval and c.train.eval_batches:
+      jax.block_until_ready(state)  # the wait for training work counts as training time
       t_eval = time.perf_counter()
       eval_loss = s.evaluate(state)
       extra["eval_loss"] = eval_loss
@@ -207,3 +211,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"{metrics_lib.format_count(comm_bytes)}B communicated per device, "
         f"{metrics_lib.format_duration(train_time)}", flush=True)
   return results
+
+
+def compare_algorithms(config: ml_collections.ConfigDict, workdir: str,
+                       algorithms: tuple[str, ...] = ("local_sgd", "ddp")) -> dict[str, dict]:
+  """Trains each algorithm on the same data and budget into `workdir/<algorithm>`, then prints a
+  side-by-side table and writes `workdir/comparison.png` (eval loss against tokens) and
+  `workdir/comparison.json`."""
+  results, curves = {}, {}
+  for algorithm in algorithms:
+    c = config.copy_and_resolve_references()
+    c.algorithm = algorithm
+    run_dir = os.path.join(workdir, algorithm)
+    results[algorithm] = train_and_evaluate(c, run_dir)
+    curves[_label(c)] = metrics_lib.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+  if jax.process_index() == 0:
+    print(comparison_table(results), flush=True)
+    metrics_lib.plot_eval_curves(curves, os.path.join(workdir, "comparison.png"),
+                                 title=f"{config.model.size} on {config.data.name}")
+    with open(os.path.join(workdir, "comparison.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def _label(c: ml_collections.ConfigDict) -> str:
+  if c.algorithm == "ddp":
+    return "DDP"
+  return (f"local SGD (K={c.local_sgd.num_workers}, H={c.local_sgd.sync_every}, "
+          f"{c.local_sgd.outer_optimizer})")
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+  rows = [("algorithm", "final eval loss", "tokens", "tokens/s", "bytes/device", "time")]
+  for name, r in results.items():
+    rows.append((name, f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-",
+                 metrics_lib.format_count(r["tokens"]),
+                 metrics_lib.format_count(r["tokens_per_sec"]),
+                 metrics_lib.format_count(r["comm_bytes"]) + "B",
+                 metrics_lib.format_duration(r["train_seconds"])))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Bandwidth needed for a compute utilisation, DDP vs local SGD / DiLoCo (network model only).
+
+  python -m experiments.bandwidth --model_size=10e9 --device=h100 --tokens_per_step=16384 \
+      --workers=8 --sync_every=100,300 --bandwidth=10
+
+Prints the assumptions, then Markdown tables: the bandwidth (Gbit/s per device, on the slowest
+level the syncs cross) each method needs for each target utilisation, and the H local SGD needs at
+--bandwidth. Runs in well under a second; no accelerator or JAX computation is involved (a preset
+--model_size imports lsgd_jax.model only to count parameters and FLOPs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from absl import app, flags
+
+from lsgd_jax import clock
+
+_SIZE = flags.DEFINE_string("model_size", "10e9", "A lsgd_jax.model preset name (e.g. 100M) or a "
+                            "number of synchronized parameters (e.g. 10e9, 10B).")
+_SEQ = flags.DEFINE_integer("seq_len", 2048, "Sequence length (FLOPs of a preset model).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 32_000, "Vocabulary (parameters of a preset model).")
+_STEP = flags.DEFINE_float("step_time", None, "Compute seconds per step; if unset, derived from "
+                           "--tokens_per_step and --device.")
+_TOKENS = flags.DEFINE_integer("tokens_per_step", 16_384, "Tokens per device per step.")
+_DEVICE = flags.DEFINE_enum("device", "h100", list(clock.DEVICES), "Device preset.")
+_MFU = flags.DEFINE_float("mfu", None, "Override the preset's achieved fraction of peak FLOP/s.")
+_H = flags.DEFINE_string("sync_every", "100,300", "Comma list of H for local SGD rows.")
+_BW = flags.DEFINE_float("bandwidth", 10.0, "Gbit/s per device of the slow level, for the "
+                         "H-needed table.")
+_WORKERS = flags.DEFINE_integer("workers", 8, "Replicas (workers).")
+_CLUSTERS = flags.DEFINE_integer("clusters", None, "Clusters; default: one per worker.")
+_DPW = flags.DEFINE_integer("devices_per_worker", 1, "Devices per worker.")
+_LAYOUT = flags.DEFINE_enum("layout", "flat", list(clock.LAYOUTS), "All-reduce layout.")
+_BYTES = flags.DEFINE_float("bytes_per_element", 4.0, "Bytes per synced element (4: fp32).")
+_INTER = flags.DEFINE_enum("inter_link", "wan-10g", list(clock.LINKS), "Link between clusters.")
+_LATENCY = flags.DEFINE_float("latency", None, "Override the slow link's latency (s).")
+_TARGETS = flags.DEFINE_string("targets", "0.5,0.8,0.9,0.95,0.99", "Target utilisations.")
+_OVERLAP = flags.DEFINE_bool("overlap", False, "Overlap communication with compute.")
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def model_cost(size: str, seq_len: int, vocab_size: int) -> tuple[float, float, str]:
+  """(synced parameters, training FLOPs per token, description) of a preset or a number."""
+  from lsgd_jax import model  # imported only here: the rest needs no JAX
+  if size in model.PRESETS:
+    cfg = model.model_config(size, vocab_size)
+    return (float(model.total_params(cfg)), model.train_flops_per_token(cfg, seq_len),
+            f"preset {size}: {model.total_params(cfg):,} parameters (all synced), "
+            f"{model.non_embedding_params(cfg):,} non-embedding")
+  text = size.strip().lower()
+  scale = _SUFFIX.get(text[-1:], 1.0)
+  try:
+    n = float(text[:-1] if text[-1:] in _SUFFIX else text) * scale
+  except ValueError:
+    raise ValueError(f"model_size {size!r} is neither a preset ({', '.join(model.PRESETS)}) nor "
+                     "a number of parameters such as 10e9 or 10B.") from None
+  if not (math.isfinite(n) and n > 0):
+    raise ValueError(f"model_size {size!r} must be a number of parameters > 0.")
+  return n, 6.0 * n, f"{n:.3g} parameters, 6N FLOPs per token (attention ignored)"
+
+
+def _gbit(bytes_per_s: float) -> str:
+  if math.isinf(bytes_per_s):
+    return "unreachable"
+  g = bytes_per_s * 8 / 1e9
+  return f"{g:.3g}" if g >= 0.01 else f"{g:.2e}"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  params, fpt, desc = model_cost(_SIZE.value, _SEQ.value, _VOCAB.value)
+  dev = clock.device(_DEVICE.value)
+  if _MFU.value is not None:
+    dev = dataclasses.replace(dev, mfu=_MFU.value)
+  tokens = _TOKENS.value
+  if _STEP.value is not None:  # a device that computes one step in exactly --step_time
+    clock._pos("step_time", _STEP.value)
+    dev = dataclasses.replace(dev, name=f"{dev.name} (given step time)", mfu=1.0,
+                              peak_flops=tokens * fpt / _STEP.value)
+  inter = clock.link(_INTER.value)
+  if _LATENCY.value is not None:
+    inter = dataclasses.replace(inter, latency=_LATENCY.value)
+  net = clock.Network.for_device(dev, inter=inter)
+  workers, dpw = _WORKERS.value, _DPW.value
+  clusters = _CLUSTERS.value or workers
+  targets = [float(t) for t in _TARGETS.value.split(",")]
+  hs = [int(h) for h in _H.value.split(",") if h]
+  common = dict(params=params, flops_per_token=fpt, tokens_per_step=tokens,
+                bytes_per_element=_BYTES.value, devices_per_worker=dpw, workers=workers,
+                clusters=clusters, layout=_LAYOUT.value)
+  rows = [("DDP", clock.Run("ddp", **common))]
+  rows += [(f"local SGD H={h}", clock.Run("local_sgd", sync_every=h, **common)) for h in hs]
+  t_c = clock.compute_time(tokens, fpt, dev)
+  probe = clock.Run("local_sgd", sync_every=1, **common)
+  level = "inter" if clusters > 1 else "cluster" if workers > 1 else "worker"
+  slow = getattr(net, level)
+  mem = clock.memory_check(params, dev, outer_shards=dpw if _LAYOUT.value == "two_stage" else 1)
+  print("Assumptions (nominal figures; see lsgd_jax/clock.py):")
+  print(f"- model: {desc}; {fpt:.3e} training FLOPs per token")
+  print(f"- device: {dev.name}, {dev.peak_flops / 1e12:.4g} TFLOP/s peak x MFU {dev.mfu:.2f}; "
+        f"{tokens:,} tokens per device per step -> compute {t_c:.4g} s per step")
+  print(f"- {workers} workers x {dpw} devices in {clusters} clusters; layout {_LAYOUT.value}; "
+        f"{_BYTES.value:g} bytes per element; overlap {_OVERLAP.value}")
+  print(f"- solved level: {level} (latency {slow.latency * 1e3:.3g} ms); other links: worker "
+        f"{net.worker.bandwidth * 8 / 1e9:.4g} Gbit/s, cluster "
+        f"{net.cluster.bandwidth * 8 / 1e9:.4g} Gbit/s")
+  print(f"- per-device bytes on {level}: DDP step "
+        f"{clock.step_comm(rows[0][1], net).bytes.get(level, 0.0):.4g}, outer sync "
+        f"{clock.sync_comm(probe, net).bytes.get(level, 0.0):.4g}")
+  print(f"- memory per device (no model sharding, AdamW + outer state, activations not counted): "
+        f"{mem.verdict}\n")
+  print(f"Bandwidth (Gbit/s per device) needed on the {level} level for compute utilisation:\n")
+  print("| method | " + " | ".join(f"{100 * u:g}%" for u in targets) + " |")
+  print("|---|" + "---|" * len(targets))
+  for name, run in rows:
+    cells = [_gbit(clock.bandwidth_needed(u, run, dev, net, level, _OVERLAP.value))
+             for u in targets]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+  at = net.with_bandwidth(level, _BW.value * 1e9 / 8)
+  print(f"\nAt {_BW.value:g} Gbit/s: utilisation " + ", ".join(
+      f"{name} {100 * clock.utilisation(run, dev, at, _OVERLAP.value):.1f}%" for name, run in rows)
+        + f"; H needed for each target (no overlap):\n")
+  print("| " + " | ".join(f"{100 * u:g}%" for u in targets) + " |")
+  print("|" + "---|" * len(targets))
+  needed = [clock.sync_every_needed(u, probe, dev, at) for u in targets]
+  print("| " + " | ".join("unreachable" if math.isinf(h) else str(max(1, math.ceil(h)))
+                          for h in needed) + " |")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,41 @@
+"""Fits scaling laws to a sweep's results and writes plots and a report.
+
+    python -m experiments.fit --results=results.csv --out=DIR [--form=pure|offset] [--n_boot=1000]
+
+The CSV needs the columns algorithm, num_workers, sync_every, non_embedding_params, tokens, flops,
+eval_loss (one row per run, as in a run's results.json); extra columns (model_size, seed, lr,
+outer_optimizer, outer_lr, outer_momentum, ...) are allowed. Prints the fitted table and writes
+DIR/report.md with loss_vs_params.png, loss_vs_compute.png, local_sgd_minus_ddp.png and
+sync_every_ablation.png (each where the data allow it). Takes seconds on a CPU.
+"""
+
+from absl import app, flags
+
+from lsgd_jax import report
+
+_RESULTS = flags.DEFINE_string("results", None, "CSV file with one row per run.")
+_OUT = flags.DEFINE_string("out", None, "Directory for report.md and the plots.")
+_FORM = flags.DEFINE_enum("form", "pure", ["pure", "offset"],
+                          "pure: L = (X_c / X)^alpha (the paper's); offset: L = E + A / X^alpha.")
+_SYNC_EVERY = flags.DEFINE_integer("sync_every", None,
+                                   "H of the local SGD runs to fit (default: the one covering "
+                                   "the most sizes).")
+_N_BOOT = flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples per interval.")
+_LEVEL = flags.DEFINE_float("level", 0.95, "Interval level.")
+_SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+flags.mark_flags_as_required(["results", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cols = report.read_results(_RESULTS.value)
+  analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
+                            n_boot=_N_BOOT.value, level=_LEVEL.value, seed=_SEED.value)
+  print(analysis.table())
+  for path in report.write_report(analysis, _OUT.value, source=_RESULTS.value):
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,566 @@
+"""Network and device model: simulated wall clock, utilisation and bandwidth needs (no JAX).
+
+Units: bytes, seconds, FLOP/s. A link's bandwidth is bytes/s per device per direction (a pipe of
+capacity C shared by d devices is a link of C / d). A run has three levels, fastest first:
+`worker` (the devices of one replica), `cluster` (workers of one cluster) and `inter` (clusters).
+
+Collectives, alpha-beta model seen from one device (B bytes, R devices, bandwidth W, latency a):
+  ring all-reduce            2 (R - 1) a + 2 (R - 1) / R * B / W   (reduce-scatter + all-gather)
+  reduce-scatter, all-gather   (R - 1) a +   (R - 1) / R * B / W
+  flat all-reduce over several levels: one ring over all R devices, every hop as slow as the slowest
+    level spanned: its latency (the largest) and its bandwidth carry all 2 (R - 1) / R * B bytes.
+  two-stage (hierarchical) over group sizes g_0 .. g_L: reduce-scatter over g_0, ..., all-reduce of
+    the B / (g_0 ... g_{L-1}) slice over g_L, then all-gathers back down. Local SGD's outer sync
+    skips the first reduce-scatter: the devices of a worker hold the same pseudo-gradient and just
+    take their 1/g_0 slice (DESIGN.md section 4).
+
+Time per step (no overlap): T = T_comp + T_step_comm + T_period_comm / P, where P is the period
+(1 for DDP, H for local SGD, H2 for hierarchical local SGD) and utilisation u = T_comp / T. With
+overlap a step takes max(T_comp, T_step_comm) and an outer sync hides behind the steps since the
+last sync. Compute time = tokens * FLOPs/token / (peak FLOP/s * MFU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Iterable, Sequence
+
+LEVELS = ("worker", "cluster", "inter")
+ALGORITHMS = ("ddp", "local_sgd", "hierarchical")
+LAYOUTS = ("flat", "two_stage")
+POLICIES = ("wait", "budget")
+INF = float("inf")
+
+
+def _check(name: str, value, ok: bool, allowed: str) -> None:
+  if not ok:
+    raise ValueError(f"{name} = {value!r} is not allowed; {name} must be {allowed}.")
+
+
+def _pos(name: str, value, allowed: str = "a finite number > 0") -> None:
+  _check(name, value, isinstance(value, numbers.Real) and not isinstance(value, bool)
+         and math.isfinite(value) and value > 0, allowed)
+
+
+def _count(name: str, value) -> None:
+  _check(name, value, isinstance(value, numbers.Integral) and not isinstance(value, bool)
+         and value >= 1, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """One link level: bandwidth (bytes/s per device per direction) and latency (s per hop)."""
+
+  bandwidth: float
+  latency: float = 0.0
+  kind: str = ""  # "node", "cluster", "inter" or "edge": where such a link sits
+
+  def __post_init__(self):
+    _pos("bandwidth", self.bandwidth, "a finite number of bytes/s > 0")
+    _check("latency", self.latency, math.isfinite(self.latency) and self.latency >= 0,
+           "a finite number of seconds >= 0")
+
+
+# Nominal figures from vendor specifications (peak, per direction); latencies are assumed orders of
+# magnitude, not measurements. Real achieved bandwidth is lower.
+LINKS = {
+    # NVIDIA H100 datasheet: NVLink 900 GB/s per GPU (both directions) -> 450 GB/s each way.
+    "nvlink4": Link(450e9, 2e-6, "node"),
+    # Google Cloud TPU v5e docs: inter-chip interconnect 1,600 Gbps per chip -> 200 GB/s.
+    "tpu-v5e-ici": Link(200e9, 2e-6, "node"),
+    # PCI-SIG PCIe 4.0 x16: 16 GT/s x 16 lanes, 128b/130b -> 31.5 GB/s each way.
+    "pcie4-x16": Link(31.5e9, 5e-6, "node"),
+    # NVIDIA DGX H100 datasheet: one ConnectX-7 400 Gb/s InfiniBand port per GPU -> 50 GB/s.
+    "infiniband-400g": Link(50e9, 5e-6, "cluster"),
+    "ethernet-10g": Link(1.25e9, 50e-6, "cluster"),  # IEEE 802.3 10GBASE-T line rate
+    "wan-100g": Link(12.5e9, 20e-3, "inter"),  # assumed leased line between datacenters
+    "wan-10g": Link(1.25e9, 20e-3, "inter"),
+    # Assumed mobile/home uplink of 20 Mbit/s (middle of 10-50 Mbit/s), 50 ms round trips.
+    "edge-uplink": Link(20e6 / 8, 50e-3, "edge"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """A device profile: peak dense FLOP/s, achieved fraction (MFU), memory, default links."""
+
+  name: str
+  peak_flops: float
+  mfu: float
+  memory_bytes: float
+  devices_per_node: int
+  node_link: str     # a LINKS name: between the devices of one node / host
+  cluster_link: str  # a LINKS name: between nodes of one cluster (or the device's uplink)
+
+  def __post_init__(self):
+    _pos("peak_flops", self.peak_flops)
+    _check("mfu", self.mfu, 0 < self.mfu <= 1, "a fraction in (0, 1]")
+    _pos("memory_bytes", self.memory_bytes)
+
+  @property
+  def flops(self) -> float:
+    return self.peak_flops * self.mfu
+
+
+# Nominal peak figures (dense, no sparsity); MFU values are assumptions typical of LLM training.
+DEVICES = {
+    # NVIDIA H100 SXM5 datasheet: BF16 tensor 1,979 TFLOP/s with sparsity = 989 dense; 80 GB HBM3;
+    # HGX/DGX H100: 8 GPUs per node.
+    "h100": Device("h100", 989e12, 0.4, 80e9, 8, "nvlink4", "infiniband-400g"),
+    # Google Cloud TPU v5e docs: 197 TFLOP/s bf16 per chip, 16 GB HBM2; 8 chips per host
+    # (v5litepod-8); the hosts of one pod slice are joined by ICI too.
+    "tpu-v5e": Device("tpu-v5e", 197e12, 0.4, 16e9, 8, "tpu-v5e-ici", "tpu-v5e-ici"),
+    # NVIDIA Ada Lovelace architecture whitepaper: RTX 4090 BF16 tensor 165.2 TFLOP/s dense (FP32
+    # accumulate), 24 GB GDDR6X, PCIe 4.0 x16, no NVLink.
+    "rtx4090": Device("rtx4090", 165e12, 0.35, 24e9, 1, "pcie4-x16", "ethernet-10g"),
+    # Phone-class edge device: an assumed class, not a datasheet (vendor figures for phone SoCs are
+    # mostly int8 "TOPS"): 4 TFLOP/s fp16 peak, 8 GB RAM, mobile uplink.
+    "phone": Device("phone", 4e12, 0.25, 8e9, 1, "edge-uplink", "edge-uplink"),
+}
+
+
+def _lookup(table: dict, name, what: str):
+  if not isinstance(name, str):
+    return name
+  if name not in table:
+    raise ValueError(f"Unknown {what} {name!r}; allowed: {', '.join(table)}.")
+  return table[name]
+
+
+def device(name: str | Device) -> Device:
+  return _lookup(DEVICES, name, "device preset")
+
+
+def link(name: str | Link) -> Link:
+  return _lookup(LINKS, name, "link preset")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  """The links of the three levels a run spans (see the module docstring)."""
+
+  worker: Link
+  cluster: Link
+  inter: Link
+
+  @classmethod
+  def for_device(cls, dev: str | Device, inter: str | Link = "wan-10g",
+                 cluster: str | Link | None = None) -> "Network":
+    dev = device(dev)
+    return cls(link(dev.node_link), link(cluster or dev.cluster_link), link(inter))
+
+  def with_bandwidth(self, level: str, bandwidth: float) -> "Network":
+    return dataclasses.replace(self, **{level: dataclasses.replace(getattr(self, level),
+                                                                    bandwidth=bandwidth)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Comm:
+  """Communication of one device: latency seconds plus bytes sent over each level."""
+
+  latency: float = 0.0
+  bytes: dict = dataclasses.field(default_factory=dict)
+
+  def __add__(self, other: "Comm") -> "Comm":
+    keys = set(self.bytes) | set(other.bytes)
+    return Comm(self.latency + other.latency,
+                {k: self.bytes.get(k, 0.0) + other.bytes.get(k, 0.0) for k in keys})
+
+  def __mul__(self, k: float) -> "Comm":
+    return Comm(self.latency * k, {lv: b * k for lv, b in self.bytes.items()})
+
+  def time(self, net: Network) -> float:
+    return self.latency + sum(b / getattr(net, lv).bandwidth for lv, b in self.bytes.items())
+
+
+def ring_allreduce_bytes(nbytes: float, nodes: int) -> float:
+  """Bytes each of R nodes sends (and receives) in a ring all-reduce: 2 (R - 1) / R * B."""
+  return 2.0 * (nodes - 1) / nodes * nbytes
+
+
+def ring_allreduce_time(nbytes: float, nodes: int, lk: Link) -> float:
+  """2 (R - 1) latency + 2 (R - 1) / R * B / bandwidth."""
+  _count("nodes", nodes)
+  return 2 * (nodes - 1) * lk.latency + ring_allreduce_bytes(nbytes, nodes) / lk.bandwidth
+
+
+def _gather(nbytes: float, size: int, level: str, net: Network) -> Comm:
+  """A reduce-scatter or an all-gather of a full buffer of `nbytes` over `size` devices."""
+  return Comm((size - 1) * getattr(net, level).latency, {level: (size - 1) / size * nbytes})
+
+
+def flat_allreduce(nbytes: float, groups: Sequence[tuple[int, str]], net: Network) -> Comm:
+  """One ring over all devices of `groups` [(size, level), ...] (fastest first)."""
+  spanned = [lv for size, lv in groups if size > 1]
+  r = math.prod(size for size, _ in groups)
+  if r == 1:
+    return Comm()
+  lat = max(getattr(net, lv).latency for lv in spanned)
+  return Comm(2 * (r - 1) * lat, {spanned[-1]: ring_allreduce_bytes(nbytes, r)})
+
+
+def two_stage_allreduce(nbytes: float, groups: Sequence[tuple[int, str]], net: Network,
+                        reduce_scatter: bool = True) -> Comm:
+  """Hierarchical all-reduce over `groups` (fastest first); see the module docstring."""
+  live = [i for i, (s, _) in enumerate(groups) if s > 1]
+  if not live:
+    return Comm()
+  out, b = Comm(), float(nbytes)
+  for i in live[:-1]:
+    size, lv = groups[i]
+    out = out + _gather(b, size, lv, net) * (2 if (reduce_scatter or i > 0) else 1)  # RS + AG
+    b /= size
+  size, lv = groups[live[-1]]
+  lk = getattr(net, lv)
+  return out + Comm(2 * (size - 1) * lk.latency, {lv: ring_allreduce_bytes(b, size)})
+
+
+def two_stage_allreduce_time(nbytes: float, group: int, fast: Link, groups: int, slow: Link,
+                             reduce_scatter: bool = True) -> float:
+  """Time of a two-stage all-reduce: `groups` groups of `group` devices, fast link inside."""
+  net = Network(fast, fast, slow)
+  return two_stage_allreduce(nbytes, [(group, "worker"), (groups, "inter")], net,
+                             reduce_scatter).time(net)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run does per step. `tokens_per_step` is per device; `params` are the synced elements.
+
+  algorithm: "ddp" (gradients averaged over all devices every step), "local_sgd" (gradients
+  averaged inside a worker every step, outer sync over all workers every `sync_every` = H steps) or
+  "hierarchical" (outer sync inside each cluster every H1 = `sync_every` steps, over all clusters
+  every H2 = `global_sync_every` steps). layout: "flat" (each device all-reduces the full buffer in
+  one ring) or "two_stage" (the hierarchical all-reduce of the module docstring).
+  """
+
+  algorithm: str
+  params: float
+  flops_per_token: float
+  tokens_per_step: float
+  bytes_per_element: float = 4.0
+  devices_per_worker: int = 1
+  workers: int = 1
+  clusters: int = 1
+  sync_every: int = 1
+  global_sync_every: int = 0
+  layout: str = "flat"
+
+  def __post_init__(self):
+    _check("algorithm", self.algorithm, self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}")
+    _check("layout", self.layout, self.layout in LAYOUTS, f"one of {LAYOUTS}")
+    for name in ("params", "flops_per_token", "tokens_per_step", "bytes_per_element"):
+      _pos(name, getattr(self, name))
+    for name in ("devices_per_worker", "workers", "clusters"):
+      _count(name, getattr(self, name))
+    _check("workers", self.workers, self.workers % self.clusters == 0,
+           f"a multiple of clusters = {self.clusters}")
+    _check("H (sync_every)", self.sync_every,
+           isinstance(self.sync_every, int) and self.sync_every >= 1, "an integer >= 1")
+    if self.algorithm == "hierarchical":
+      h1, h2 = self.sync_every, self.global_sync_every
+      _check("H2 (global_sync_every)", h2, isinstance(h2, int) and h2 >= h1 and h2 % h1 == 0,
+             f"a positive multiple of H1 (sync_every) = {h1}")
+
+  @property
+  def period(self) -> int:
+    return {"ddp": 1, "local_sgd": self.sync_every,
+            "hierarchical": self.global_sync_every}[self.algorithm]
+
+  def groups(self, scope: str = "global") -> list[tuple[int, str]]:
+    g = [(self.workers // self.clusters, "cluster")]
+    return g + [(self.clusters, "inter")] if scope == "global" else g
+
+
+def compute_time(tokens: float, flops_per_token: float, dev: str | Device) -> float:
+  """tokens * FLOPs/token / (peak FLOP/s * MFU)."""
+  return tokens * flops_per_token / device(dev).flops
+
+
+def step_comm(run: Run, net: Network) -> Comm:
+  """The collective of every step: DDP's gradient all-reduce, or local SGD's inside a worker."""
+  nbytes = run.params * run.bytes_per_element
+  if run.algorithm != "ddp":
+    return flat_allreduce(nbytes, [(run.devices_per_worker, "worker")], net)
+  groups = [(run.devices_per_worker, "worker")] + run.groups()
+  if run.layout == "flat":
+    return flat_allreduce(nbytes, groups, net)
+  return two_stage_allreduce(nbytes, groups, net)
+
+
+def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
+  """One outer sync over all workers ("global") or over the workers of a cluster ("cluster")."""
+  _check("scope", scope, scope in ("global", "cluster"), "'global' or 'cluster'")
+  if run.algorithm == "ddp" or math.prod(s for s, _ in run.groups(scope)) == 1:
+    return Comm()
+  nbytes = run.params * run.bytes_per_element
+  if run.layout == "flat":
+    return flat_allreduce(nbytes, run.groups(scope), net)
+  groups = [(run.devices_per_worker, "worker")] + run.groups(scope)
+  return two_stage_allreduce(nbytes, groups, net, reduce_scatter=False)
+
+
+def period_comm(run: Run, net: Network) -> Comm:
+  """The outer syncs of one period (hierarchical: H2 / H1 - 1 cluster syncs and a global one)."""
+  out = sync_comm(run, net)
+  if run.algorithm == "hierarchical":
+    out = out + sync_comm(run, net, "cluster") * (run.period // run.sync_every - 1)
+  return out
+
+
+class Clock:
+  """Simulated seconds a training loop advances: `clock.step()` each step, `clock.sync()` per sync.
+
+  Hierarchical runs call `clock.sync("cluster")` at H1 syncs. `clock.metrics()` gives `sim_time`
+  (wall clock), `sim_comm_time` (all communication, hidden or not) and `sim_utilisation`.
+  """
+
+  def __init__(self, run: Run, dev: str | Device, net: Network, overlap: bool = False):
+    self.run, self.overlap = run, overlap
+    self.step_compute_s = compute_time(run.tokens_per_step, run.flops_per_token, dev)
+    self.step_comm_s = step_comm(run, net).time(net)
+    self.sync_time = {s: sync_comm(run, net, s).time(net) for s in ("global", "cluster")}
+    self.seconds = self.compute_seconds = self.comm_seconds = 0.0
+    self.steps = self.syncs = 0
+    self._since_sync = 0.0
+
+  def step(self, n: int = 1) -> float:
+    c, s = self.step_compute_s, self.step_comm_s
+    wall = n * (max(c, s) if self.overlap else c + s)
+    self.seconds += wall
+    self._since_sync += wall
+    self.compute_seconds += n * c
+    self.comm_seconds += n * s
+    self.steps += n
+    return self.seconds
+
+  def sync(self, scope: str = "global") -> float:
+    _check("scope", scope, scope in self.sync_time, "'global' or 'cluster'")
+    t = self.sync_time[scope]
+    self.seconds += max(0.0, t - self._since_sync) if self.overlap else t
+    self.comm_seconds += t
+    self._since_sync = 0.0
+    self.syncs += 1
+    return self.seconds
+
+  @property
+  def utilisation(self) -> float:
+    return self.compute_seconds / self.seconds if self.seconds else 1.0
+
+  def metrics(self) -> dict[str, float]:
+    return {"sim_time": self.seconds, "sim_comm_time": self.comm_seconds,
+            "sim_utilisation": self.utilisation}
+
+
+def sim_times(events: Iterable[tuple[int, int]], run: Run, dev: str | Device, net: Network,
+              overlap: bool = False) -> list[float]:
+  """Simulated seconds at each event (steps done, global syncs done), both cumulative.
+
+  Steps are taken before syncs within an event; for hierarchical runs the cluster syncs are the
+  H1 multiples that are not H2 multiples, inferred from the steps.
+  """
+  clock, out, prev = Clock(run, dev, net, overlap), [], (0, 0)
+  for steps, syncs in events:
+    _check("event", (steps, syncs), steps >= prev[0] and syncs >= prev[1], "non-decreasing")
+    for s in range(prev[0] + 1, steps + 1):
+      clock.step()
+      if (run.algorithm == "hierarchical" and s % run.sync_every == 0
+          and s % run.global_sync_every):
+        clock.sync("cluster")
+    for _ in range(syncs - prev[1]):
+      clock.sync()
+    out.append(clock.seconds)
+    prev = (steps, syncs)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  steps: int
+  syncs: int
+  compute_s: float
+  comm_s: float   # all communication time, hidden by overlap or not
+  total_s: float  # simulated wall clock
+
+  @property
+  def step_s(self) -> float:
+    return self.total_s / self.steps
+
+  @property
+  def utilisation(self) -> float:
+    return self.compute_s / self.total_s
+
+
+def _drive(clock: Clock, steps: int, global_sync_at_end: bool) -> Clock:
+  run = clock.run
+  h1 = run.sync_every if run.algorithm == "hierarchical" else steps
+  done = 0
+  while done < steps:
+    n = min(h1 - done % h1, steps - done)
+    clock.step(n)
+    done += n
+    if (run.algorithm == "hierarchical" and done % h1 == 0
+        and (done < steps or not global_sync_at_end)):
+      clock.sync("cluster")
+  if global_sync_at_end and run.algorithm != "ddp":
+    clock.sync()
+  return clock
+
+
+def simulate(run: Run, dev: str | Device, net: Network, steps: int | None = None,
+             overlap: bool = False) -> Timing:
+  """Wall clock of `steps` steps (default: one period) with their outer syncs."""
+  steps = run.period if steps is None else steps
+  _count("steps", steps)
+  n, rest = divmod(steps, run.period)
+  per = _drive(Clock(run, dev, net, overlap), run.period, True)
+  tail = _drive(Clock(run, dev, net, overlap), rest, False) if rest else Clock(run, dev, net)
+  return Timing(steps, n * per.syncs + tail.syncs,
+                n * per.compute_seconds + tail.compute_seconds,
+                n * per.comm_seconds + tail.comm_seconds, n * per.seconds + tail.seconds)
+
+
+def utilisation(run: Run, dev: str | Device, net: Network, overlap: bool = False) -> float:
+  return simulate(run, dev, net, overlap=overlap).utilisation
+
+
+def _check_target(u: float) -> None:
+  _check("target utilisation", u, isinstance(u, (int, float)) and 0 < u < 1,
+         "a fraction in (0, 1)")
+
+
+def bandwidth_needed(target: float, run: Run, dev: str | Device, net: Network,
+                     level: str | None = None, overlap: bool = False) -> float:
+  """Bandwidth (bytes/s) of `level` (default: the slowest level the run spans) for utilisation
+  `target`; inf where latency and the other links alone exceed the budget.
+
+  Without overlap, per period of P steps: P T_c / u = P (T_c + a_s + x_s / W) + a_o + x_o / W, with
+  x the bytes on `level` and a the rest (latency, other links), so
+  W = (P x_s + x_o) / (P T_c (1 / u - 1) - P a_s - a_o). With overlap it bisects on `simulate`.
+  """
+  _check_target(target)
+  level = level or ("inter" if run.clusters > 1 else "cluster" if run.workers > 1 else "worker")
+  _check("level", level, level in LEVELS, f"one of {LEVELS}")
+  s, o = step_comm(run, net), period_comm(run, net)
+  x_s, x_o = s.bytes.get(level, 0.0), o.bytes.get(level, 0.0)
+  if x_s == 0 and x_o == 0:  # nothing crosses `level`: any bandwidth or none will do
+    return 0.0 if utilisation(run, dev, net, overlap) >= target else INF
+  if overlap:
+    lo, hi = 1.0, 1e18
+    if utilisation(run, dev, net.with_bandwidth(level, hi), True) < target:
+      return INF
+    for _ in range(200):
+      mid = math.sqrt(lo * hi)
+      lo, hi = (mid, hi) if utilisation(run, dev, net.with_bandwidth(level, mid), True) < target \
+          else (lo, mid)
+    return hi
+  p, w = run.period, getattr(net, level).bandwidth
+  t_c = compute_time(run.tokens_per_step, run.flops_per_token, dev)
+  room = p * t_c * (1 / target - 1) - p * (s.time(net) - x_s / w) - (o.time(net) - x_o / w)
+  if room <= 0:
+    return INF
+  return (p * x_s + x_o) / room
+
+
+def sync_every_needed(target: float, run: Run, dev: str | Device, net: Network) -> float:
+  """Smallest real H (H2 for hierarchical, H1 fixed) reaching utilisation `target`, no overlap.
+
+  local SGD: H (T_c + T_s) + T_o = H T_c / u  =>  H = T_o / (T_c (1 / u - 1) - T_s).
+  hierarchical: H2 = (T_g - T_cl) / (T_c (1 / u - 1) - T_s - T_cl / H1). inf if unreachable.
+  """
+  _check_target(target)
+  _check("algorithm", run.algorithm, run.algorithm != "ddp", "'local_sgd' or 'hierarchical'")
+  t_c = compute_time(run.tokens_per_step, run.flops_per_token, dev)
+  t_s, t_g = step_comm(run, net).time(net), sync_comm(run, net).time(net)
+  t_cl = sync_comm(run, net, "cluster").time(net) if run.algorithm == "hierarchical" else 0.0
+  room = t_c * (1 / target - 1) - t_s - (t_cl / run.sync_every if t_cl else 0.0)
+  return INF if room <= 0 else (t_g - t_cl) / room
+
+
+def sync_every_for_comm_share(run: Run, net: Network, share: float = 0.5) -> float:
+  """H at which outer syncs are `share` of all communication time: H = T_o (1 - s) / (s T_s).
+
+  With the inner all-reduce on W0 and the outer on W1, equal group sizes and no latency, share 1/2
+  gives H = W0 / W1 (the condition of Scaling Laws for DiLoCo, arXiv 2503.09799).
+  """
+  _check("share", share, 0 < share < 1, "a fraction in (0, 1)")
+  t_s, t_o = step_comm(run, net).time(net), sync_comm(run, net).time(net)
+  return INF if t_s == 0 else t_o * (1 - share) / (share * t_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+  seconds: float              # wall clock of the round, outer sync included
+  steps: tuple[int, ...]      # steps each worker did
+  busy: tuple[float, ...]     # seconds each worker computed
+
+  @property
+  def utilisation(self) -> float:
+    return sum(self.busy) / (len(self.busy) * self.seconds)
+
+
+def heterogeneous_round(speeds: Sequence[float], sync_every: int, step_s: float,
+                        sync_s: float = 0.0, policy: str = "wait",
+                        budget_s: float | None = None) -> Round:
+  """One round with per-worker speed multipliers (a worker of speed v takes step_s / v per step).
+
+  "wait": every worker does H steps; the round lasts H step_s / min(v) + sync_s.
+  "budget": the round lasts budget_s (default H step_s) + sync_s; worker k does
+  floor(budget_s v_k / step_s) steps.
+  """
+  _check("policy", policy, policy in POLICIES, f"one of {POLICIES}")
+  _check("H (sync_every)", sync_every, isinstance(sync_every, int) and sync_every >= 1,
+         "an integer >= 1")
+  _pos("step_s", step_s)
+  for v in speeds:
+    _pos("speed", v)
+  if policy == "wait":
+    busy = tuple(sync_every * step_s / v for v in speeds)
+    return Round(max(busy) + sync_s, (sync_every,) * len(busy), busy)
+  budget_s = sync_every * step_s if budget_s is None else budget_s
+  _pos("budget_s", budget_s)
+  steps = tuple(int(math.floor(budget_s * v / step_s + 1e-9)) for v in speeds)
+  return Round(budget_s + sync_s, steps, tuple(n * step_s / v for n, v in zip(steps, speeds)))
+
+
+def activation_bytes(num_layers: int, d_model: int, num_heads: int, seq_len: int,
+                     tokens: float) -> float:
+  """Activations kept for the backward pass, 16-bit, no recomputation: per layer and token
+  34 d + 5 heads seq_len bytes (Korthikanti et al. 2022, arXiv 2205.05198, eq. 1). An estimate."""
+  return num_layers * tokens * (34 * d_model + 5 * num_heads * seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  breakdown: dict
+  total: float
+  capacity: float
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.capacity
+
+  @property
+  def verdict(self) -> str:
+    used = f"{self.total / 1e9:.2f} GB of {self.capacity / 1e9:.2f} GB"
+    if self.fits:
+      return f"fits: {used} ({100 * self.total / self.capacity:.0f}%)"
+    return f"does not fit: needs {used}, short by {(self.total - self.capacity) / 1e9:.2f} GB"
+
+
+def memory_check(params: float, dev: str | Device, activations: float = 0.0,
+                 param_bytes: float = 4, grad_bytes: float = 4, moment_bytes: float = 4,
+                 moments: int = 2, outer_state: bool = True, outer_shards: int = 1
+                 ) -> MemoryReport:
+  """Per-device memory: params + grads + optimizer moments (AdamW: 2 fp32) + outer state (fp32
+  global params and momentum, split over `outer_shards` devices by the two-stage sync) +
+  `activations` bytes, against the device's memory."""
+  _pos("params", params)
+  _count("outer_shards", outer_shards)
+  parts = {"params": params * param_bytes, "grads": params * grad_bytes,
+           "optimizer": params * moment_bytes * moments,
+           "outer": 2 * params * 4 / outer_shards if outer_state else 0.0,
+           "activations": float(activations)}
+  return MemoryReport(parts, sum(parts.values()), device(dev).memory_bytes)

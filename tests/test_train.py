@@ -1,0 +1,108 @@
+"""End to end: config files load, the tiny config trains, the binary writes its files, bad
+configs fail with clear messages."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lsgd_jax import config as config_lib
+from lsgd_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _load(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_file_loads_and_validates(path):
+  c = _load(path)
+  config_lib.validate(c)
+  assert c.algorithm in ("local_sgd", "ddp")
+  assert _load(path).to_dict() == c.to_dict()  # deterministic
+
+
+def _tiny(**overrides):
+  c = _load(os.path.join(ROOT, "configs", "tiny.py"))
+  for key, value in overrides.items():
+    section, name = key.split("__")
+    c[section][name] = value
+  return c
+
+
+def test_tiny_config_trains_and_loss_falls(tmp_path):
+  res = train.train_and_evaluate(_tiny(), str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert records[0]["step"] == 0 and records[0]["eval_loss"] > 5.0  # untrained: ~log(256)
+  for key in ("step", "train_loss", "tokens", "tokens_per_sec", "comm_bytes"):
+    assert all(key in r for r in records[1:]), key
+  evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+  assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
+  assert records[1]["train_loss"] > res["final_train_loss"] and res["eval_loss"] < 3.6
+  syncs = [r for r in records if "pseudo_grad_norm" in r]
+  assert syncs and all(k in syncs[0] for k in ("outer_update_norm", "delta_cosine",
+                                               "worker_loss_std"))
+  assert records[-1]["comm_bytes"] == pytest.approx(res["comm_bytes"])
+  assert json.load(open(tmp_path / "config.json"))["local_sgd"]["num_workers"] == 8
+
+
+def test_ddp_moves_h_times_the_bytes_of_local_sgd(tmp_path):
+  lsgd = train.train_and_evaluate(_tiny(train__steps=20, train__eval_batches=0),
+                                  str(tmp_path / "l"))
+  ddp = train.train_and_evaluate(_ddp_tiny(), str(tmp_path / "d"))
+  assert ddp["comm_bytes"] / lsgd["comm_bytes"] == pytest.approx(10, rel=0.01)
+
+
+def _ddp_tiny():
+  c = _tiny(train__steps=20, train__eval_batches=0)
+  c.algorithm = "ddp"
+  return c
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"local_sgd__num_workers": 3}, r"num_workers=3 does not divide the device count 8"),
+    ({"local_sgd__sync_every": 0}, r"sync_every \(H\) must be at least 1, got 0"),
+    ({"train__global_batch": 20}, r"Global batch size 20 is not divisible by num_workers x data "
+                                  r"devices = 8 x 1 = 8"),
+    ({"model__size": "3M"}, r"Unknown model size '3M'; allowed: "),
+    ({"optim__name": "adagrad"}, r"Unknown inner optimizer 'adagrad'; allowed: adamw, sgd"),
+    ({"local_sgd__outer_optimizer": "nesterow"}, r"Unknown outer optimizer 'nesterow'"),
+    ({"data__seq_len": 512}, r"data.seq_len=512 must be in \[1, model.max_seq_len=256\]"),
+])
+def test_bad_config_values_raise_clear_errors(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.build(_tiny(**overrides))
+
+
+def test_unknown_algorithm_is_rejected():
+  c = _tiny()
+  c.algorithm = "fedavg"
+  with pytest.raises(ValueError, match=r"Unknown algorithm 'fedavg'; allowed: local_sgd, ddp"):
+    train.build(c)
+
+
+def test_train_binary_writes_config_and_metrics(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.train", "--config=configs/tiny.py:ddp",
+         f"--workdir={tmp_path}", "--config.train.steps=6", "--config.train.log_every=3",
+         "--config.train.eval_batches=1"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "[ddp] done: eval loss" in out.stdout
+  assert json.load(open(tmp_path / "config.json"))["algorithm"] == "ddp"
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
+  assert steps == [0, 3, 6]  # step 0: the untrained model's eval loss
+  bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path}/b", "--config.local_sgd.num_workers=5"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "num_workers=5 does not divide the device count 8" in bad.stderr
