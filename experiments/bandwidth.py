@@ -67,21 +67,27 @@ def _gbit(bytes_per_s: float) -> str:
   if math.isinf(bytes_per_s):
     return "unreachable"
   g = bytes_per_s * 8 / 1e9
-  return f"{g:.3g}" if g >= 0.01 else f"{g:.2e}"
+  return f"{g:,.0f}" if g >= 100 else f"{g:.3g}" if g >= 0.01 else f"{g:.2e}"
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  params, fpt, desc = model_cost(_SIZE.value, _SEQ.value, _VOCAB.value)
+  try:
+    params, fpt, desc = model_cost(_SIZE.value, _SEQ.value, _VOCAB.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   dev = clock.device(_DEVICE.value)
   if _MFU.value is not None:
     dev = dataclasses.replace(dev, mfu=_MFU.value)
   tokens = _TOKENS.value
+  compute = (f"{dev.name}, {dev.peak_flops / 1e12:.4g} TFLOP/s peak x MFU {dev.mfu:.2f}; "
+             f"{tokens:,} tokens per device per step")
   if _STEP.value is not None:  # a device that computes one step in exactly --step_time
-    clock._pos("step_time", _STEP.value)
-    dev = dataclasses.replace(dev, name=f"{dev.name} (given step time)", mfu=1.0,
-                              peak_flops=tokens * fpt / _STEP.value)
+    if not _STEP.value > 0:
+      raise app.UsageError(f"--step_time = {_STEP.value} must be > 0 seconds.")
+    dev = dataclasses.replace(dev, mfu=1.0, peak_flops=tokens * fpt / _STEP.value)
+    compute = f"{dev.name} memory; step time given by --step_time"
   inter = clock.link(_INTER.value)
   if _LATENCY.value is not None:
     inter = dataclasses.replace(inter, latency=_LATENCY.value)
@@ -102,8 +108,7 @@ def main(argv):
   mem = clock.memory_check(params, dev, outer_shards=dpw if _LAYOUT.value == "two_stage" else 1)
   print("Assumptions (nominal figures; see lsgd_jax/clock.py):")
   print(f"- model: {desc}; {fpt:.3e} training FLOPs per token")
-  print(f"- device: {dev.name}, {dev.peak_flops / 1e12:.4g} TFLOP/s peak x MFU {dev.mfu:.2f}; "
-        f"{tokens:,} tokens per device per step -> compute {t_c:.4g} s per step")
+  print(f"- device: {compute} -> compute {t_c:.4g} s per step")
   print(f"- {workers} workers x {dpw} devices in {clusters} clusters; layout {_LAYOUT.value}; "
         f"{_BYTES.value:g} bytes per element; overlap {_OVERLAP.value}")
   print(f"- solved level: {level} (latency {slow.latency * 1e3:.3g} ms); other links: worker "
@@ -124,7 +129,7 @@ def main(argv):
   at = net.with_bandwidth(level, _BW.value * 1e9 / 8)
   print(f"\nAt {_BW.value:g} Gbit/s: utilisation " + ", ".join(
       f"{name} {100 * clock.utilisation(run, dev, at, _OVERLAP.value):.1f}%" for name, run in rows)
-        + f"; H needed for each target (no overlap):\n")
+        + "; H local SGD needs for each target (no overlap, closed form):\n")
   print("| " + " | ".join(f"{100 * u:g}%" for u in targets) + " |")
   print("|" + "---|" * len(targets))
   needed = [clock.sync_every_needed(u, probe, dev, at) for u in targets]

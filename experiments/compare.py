@@ -4,6 +4,8 @@
 table (final eval loss, tokens/s, bytes communicated) and writes DIR/comparison.png.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -19,7 +21,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train.compare_algorithms(_CONFIG.value, _WORKDIR.value, tuple(_ALGORITHMS.value))
+  try:
+    train.compare_algorithms(_CONFIG.value, _WORKDIR.value, tuple(_ALGORITHMS.value))
+  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

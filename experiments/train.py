@@ -3,6 +3,8 @@
 Any config key can be overridden: `--config.local_sgd.sync_every=50 --config.algorithm=ddp`.
 """
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -17,7 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -126,8 +126,13 @@ def test_frontier_is_the_lower_envelope_and_fits_its_law():
   assert np.all(np.diff(fr.compute) > 0) and np.all(np.diff(fr.loss) < 0)
   for c, l in zip(comp, loss):  # every point is matched or beaten by a frontier point no dearer
     assert np.any((fr.compute <= c) & (fr.loss <= l))
-  # Here a bigger run's early evaluations never beat a smaller run's end: the envelope is the ends.
-  np.testing.assert_allclose(fr.compute, np.geomspace(1e16, 1e20, 6), rtol=1e-12)
+  ends = np.geomspace(1e16, 1e20, 6)  # beyond the first run, only the runs' ends are on it
+  np.testing.assert_allclose(fr.compute[fr.compute >= 1e16], ends, rtol=1e-12)
+  # Ends on the law plus dominated points (dearer and worse): the envelope's law is the law.
+  fr = scaling.compute_frontier(np.concatenate([ends, 1.5 * ends]),
+                                np.concatenate([pure_law(ends, 0.05, 1e30),
+                                                1.02 * pure_law(ends, 0.05, 1e30)]), n_boot=20)
+  np.testing.assert_allclose(fr.compute, ends, rtol=1e-12)
   assert fr.fit.alpha == pytest.approx(0.05, rel=1e-6)
   assert fr.fit.params["X_c"] == pytest.approx(1e30, rel=1e-4)
 

@@ -103,6 +103,8 @@ def test_train_binary_writes_config_and_metrics(tmp_path):
   assert json.load(open(tmp_path / "config.json"))["algorithm"] == "ddp"
   steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
   assert steps == [0, 3, 6]  # step 0: the untrained model's eval loss
-  bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path}/b", "--config.local_sgd.num_workers=5"],
+  bad = subprocess.run(cmd[:4] + [f"--workdir={tmp_path}/b", "--config.local_sgd.num_workers=5"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and "num_workers=5 does not divide the device count 8" in bad.stderr
+  assert bad.returncode == 1
+  assert "error: num_workers=5 does not divide the device count 8" in bad.stderr
+  assert "Traceback" not in bad.stderr
