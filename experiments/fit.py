@@ -9,6 +9,8 @@ DIR/report.md with loss_vs_params.png, loss_vs_compute.png, local_sgd_minus_ddp.
 sync_every_ablation.png (each where the data allow it). Takes seconds on a CPU.
 """
 
+import sys
+
 from absl import app, flags
 
 from lsgd_jax import report
@@ -29,9 +31,12 @@ flags.mark_flags_as_required(["results", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cols = report.read_results(_RESULTS.value)
-  analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
-                            n_boot=_N_BOOT.value, level=_LEVEL.value, seed=_SEED.value)
+  try:
+    cols = report.read_results(_RESULTS.value)
+    analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
+                              n_boot=_N_BOOT.value, level=_LEVEL.value, seed=_SEED.value)
+  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+    sys.exit(f"error: {e}")
   print(analysis.table())
   for path in report.write_report(analysis, _OUT.value, source=_RESULTS.value):
     print(f"wrote {path}")

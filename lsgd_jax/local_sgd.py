@@ -134,8 +134,10 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
   no collective over 'worker'); DDP returns the same keys with one entry.
   """
   _check_algorithm(algorithm)
-  # Mesh axes of size 1 are left out: a collective over them would still be compiled and run.
+  # Mesh axes of size 1 are left out of the specs and of the gradient mean: a collective over
+  # them would still be compiled and run.
   data_spec = DATA if layout.data_axis_size > 1 else None
+  worker_spec = WORKER if layout.worker_axis_size > 1 else None
   if algorithm == "local_sgd":
     step = functools.partial(replica_step, loss_fn=loss_fn, tx=tx,
                              grad_axes=_nontrivial(layout, DATA))
@@ -153,7 +155,7 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
       params, opt_state, m = step(params, opt_state, batch.reshape(-1, batch.shape[-1]))
       return params, opt_state, jax.tree.map(lambda x: x[None], m)
 
-    specs = (P(), P(), P(WORKER, data_spec))
+    specs = (P(), P(), P(worker_spec, data_spec))
     out_specs = (P(), P(), P())
   lifted = jax.shard_map(per_device, mesh=layout.mesh, in_specs=specs, out_specs=out_specs)
 

@@ -20,12 +20,14 @@ import collections
 import csv
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import ticker
-from matplotlib.figure import Figure
 
 from lsgd_jax import scaling
+
+if TYPE_CHECKING:  # matplotlib loads only when a plot is drawn
+  from matplotlib.figure import Figure
 
 REQUIRED_COLUMNS = ("algorithm", "num_workers", "sync_every", "non_embedding_params", "tokens",
                     "flops", "eval_loss")
@@ -49,6 +51,8 @@ def read_results(path: str) -> dict[str, np.ndarray]:
   for j, name in enumerate(header):
     raw = [r[j] if j < len(r) else "" for r in rows]
     try:
+      if name == "algorithm":
+        raise ValueError
       cols[name] = np.array([float(v) if v else np.nan for v in raw])
     except ValueError:
       if name in REQUIRED_COLUMNS and name != "algorithm":
@@ -120,6 +124,8 @@ def analyze(cols: dict[str, np.ndarray], *, form: str = "pure", sync_every: int 
   missing = [c for c in REQUIRED_COLUMNS if c not in cols]
   if missing:
     raise ValueError(f"Results lack required columns: {', '.join(missing)}.")
+  cols = {k: np.asarray(v, dtype=str if k == "algorithm" else None) for k, v in cols.items()}
+  cols.update({k: cols[k].astype(float) for k in REQUIRED_COLUMNS if k != "algorithm"})
   ok = np.isfinite(cols["eval_loss"]) & (cols["eval_loss"] > 0)
   if (~ok).any():
     notes.append(f"dropped {(~ok).sum()} rows without a finite eval loss (failed runs).")
@@ -137,9 +143,8 @@ def analyze(cols: dict[str, np.ndarray], *, form: str = "pure", sync_every: int 
     sel = ok & (cols["algorithm"] == alg)
     if alg == "local_sgd":
       hs = np.unique(cols["sync_every"][sel])
-      h = sync_every if sync_every is not None else max(
-          hs, key=lambda v: (np.unique(cols["non_embedding_params"][sel & (cols["sync_every"] ==
-                                                                           v)]).size, v))
+      sizes_at = lambda v: np.unique(cols["non_embedding_params"][sel & (cols["sync_every"] == v)])
+      h = sync_every if sync_every is not None else max(hs, key=lambda v: (sizes_at(v).size, v))
       if not (sel & (cols["sync_every"] == h)).any():
         raise ValueError(f"No local_sgd run has sync_every = {h}; present: {hs.tolist()}.")
       if hs.size > 1:
@@ -166,7 +171,12 @@ def analyze(cols: dict[str, np.ndarray], *, form: str = "pure", sync_every: int 
       fits_d[alg] = scaling.fit_power_law(d, y, form, seed=seed + i, x_name="D", **kw)
     except ValueError as e:
       notes.append(f"{alg}: no L(D) fit: {e}")
-    frontiers[alg] = scaling.compute_frontier(c, y, form=form, seed=seed + i, **kw)
+    try:
+      frontiers[alg] = scaling.compute_frontier(c, y, form=form, seed=seed + i, **kw)
+      if frontiers[alg].fit is None:
+        notes.append(f"{alg}: too few frontier points for an L(C) fit.")
+    except ValueError as e:
+      notes.append(f"{alg}: no compute frontier: {e}")
     try:
       extrap[alg] = scaling.extrapolation_check(n, y, form, seed=seed + i, **kw)
     except ValueError as e:
@@ -209,8 +219,14 @@ def _band(ax, fit: scaling.PowerLawFit, xs: np.ndarray, color: str, label: str) 
   ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
 
 
+def _figure():
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  return Figure(figsize=(6.4, 4.6))
+
+
 def _log_y_labels(ax) -> None:
   """Plain numbers on a log loss axis (it spans less than a decade)."""
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
     axis(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
 
@@ -220,7 +236,7 @@ def _span(x: np.ndarray, pad: float = 1.5) -> np.ndarray:
 
 
 def plot_loss_vs_params(a: Analysis) -> Figure:
-  fig = Figure(figsize=(6.4, 4.6))
+  fig = _figure()
   ax = fig.add_subplot()
   for alg, fit in a.fits_n.items():
     col, (lo, hi) = _COLORS.get(alg), fit.intervals["alpha"]
@@ -237,7 +253,7 @@ def plot_loss_vs_params(a: Analysis) -> Figure:
 
 
 def plot_frontier(a: Analysis) -> Figure:
-  fig = Figure(figsize=(6.4, 4.6))
+  fig = _figure()
   ax = fig.add_subplot()
   for alg, fr in a.frontiers.items():
     col = _COLORS.get(alg)
@@ -256,7 +272,7 @@ def plot_frontier(a: Analysis) -> Figure:
 
 def plot_difference(a: Analysis) -> Figure:
   """Local SGD minus DDP per size (mean over seeds, standard error) and from the fitted laws."""
-  fig = Figure(figsize=(6.4, 4.6))
+  fig = _figure()
   ax = fig.add_subplot()
   cmp = a.comparison
   n_d, y_d = a.points("ddp", "non_embedding_params"), a.points("ddp", "eval_loss")
@@ -286,7 +302,7 @@ def plot_difference(a: Analysis) -> Figure:
 
 
 def plot_ablation(a: Analysis) -> Figure:
-  fig = Figure(figsize=(6.4, 4.6))
+  fig = _figure()
   ax = fig.add_subplot()
   ab = a.ablation
   hs = np.unique(ab["H"])

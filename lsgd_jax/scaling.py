@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 
 FORMS = ("pure", "offset")
 PAPER_DDP = {"alpha": 0.069, "X_c": 6.06e14}        # arXiv 2409.13198, L(N)
@@ -65,6 +66,14 @@ def _log_model(form: str, theta: np.ndarray, logx: np.ndarray) -> np.ndarray:
     return np.log(theta[..., 0, None] + np.exp(theta[..., 1, None] - theta[..., 2, None] * logx))
 
 
+def _offset_jac(u: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+  def jac(p):  # d/dp of log(E + g), g = exp(p1 - p2 u)
+    g = np.exp(p[1] - p[2] * u)
+    w = g / (p[0] + g)
+    return np.stack([1.0 / (p[0] + g), w, -u * w], 1)
+  return jac
+
+
 def _fit_theta(form: str, logx: np.ndarray, logy: np.ndarray, loss: str, f_scale: float,
                starts: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
   """Best robust fit over `starts` (canonical theta); the variable is centred for conditioning."""
@@ -75,13 +84,14 @@ def _fit_theta(form: str, logx: np.ndarray, logy: np.ndarray, loss: str, f_scale
     if form == "pure":  # p = (alpha * (log X_c - m), alpha)
       p0 = np.array([theta0[0] * (theta0[1] - m), theta0[0]])
       res = optimize.least_squares(lambda p: p[0] - p[1] * u - logy, p0, loss=loss,
+                                   jac=lambda p: np.stack([np.ones_like(u), -u], 1),
                                    f_scale=f_scale, method="lm" if loss == "linear" else "trf")
     else:  # p = (E, log A - alpha m, alpha) with E >= 0, 0 <= alpha <= 10
       p0 = np.array([theta0[0], theta0[1] - theta0[2] * m, theta0[2]])
       p0 = np.clip(p0, [0.0, -np.inf, 0.0], [np.inf, np.inf, 10.0])
       res = optimize.least_squares(
-          lambda p: np.log(p[0] + np.exp(p[1] - p[2] * u)) - logy, p0, loss=loss,
-          f_scale=f_scale, bounds=([0.0, -np.inf, 0.0], [np.inf, np.inf, 10.0]), method="trf")
+          lambda p: np.log(p[0] + np.exp(p[1] - p[2] * u)) - logy, p0, jac=_offset_jac(u),
+          loss=loss, f_scale=f_scale, bounds=([0.0, -np.inf, 0.0], [np.inf, np.inf, 10.0]))
     if res.cost < best_cost:
       best, best_cost = res.x, res.cost
   if form == "pure":
@@ -195,10 +205,14 @@ def _bootstrap(draw: Callable[[np.random.Generator], np.ndarray | None], n_boot:
 def fit_power_law(x, loss, form: str = "pure", *, n_boot: int = 1000, level: float = 0.95,
                   seed: int = 0, robust_loss: str = "soft_l1", f_scale: float | None = None,
                   restarts: int = 8, x_name: str = "X") -> PowerLawFit:
-  """Fits `form` to points (x, loss) in log space; bootstrap intervals from `n_boot` resamples."""
+  """Fits `form` ("pure" or "offset") to points (x, loss) in log space.
+
+  robust_loss: a `least_squares` loss ("soft_l1", "huber", "cauchy", "linear" = plain least
+  squares); f_scale: its scale in log units (default: from the data); restarts: starts of the
+  offset form; n_boot resamples with `seed` give the `level` intervals."""
   x, y = _as_xy(x, loss, form)
-  if not 0.0 < level < 1.0:
-    raise ValueError(f"level must be in (0, 1), got {level}.")
+  if not 0.0 < level < 1.0 or n_boot < 1:
+    raise ValueError(f"Need 0 < level < 1 and n_boot >= 1; got level={level}, n_boot={n_boot}.")
   logx, logy = np.log(x), np.log(y)
   starts = _starts(form, logx, y, restarts)
   theta_ls, _ = _fit_theta(form, logx, logy, "linear", 1.0, starts)
@@ -297,7 +311,8 @@ def extrapolation_check(x, loss, form: str = "pure", **fit_kwargs) -> Extrapolat
   below = x < top
   fit = fit_power_law(x[below], y[below], form, **fit_kwargs)
   pred, lo, hi = (float(np.log(v[0])) for v in fit.predict_interval(top))
-  noise = stats.norm.ppf(0.5 + fit.level / 2) * fit.rmse_log / math.sqrt((~below).sum())
+  z = statistics.NormalDist().inv_cdf(0.5 + fit.level / 2)
+  noise = z * fit.rmse_log / math.sqrt((~below).sum())
   lo, hi = pred - math.hypot(pred - lo, noise), pred + math.hypot(hi - pred, noise)
   return Extrapolation(x=float(top), observed=float(np.mean(y[~below])), predicted=math.exp(pred),
                        lo=math.exp(lo), hi=math.exp(hi), n_fit=int(below.sum()), level=fit.level)

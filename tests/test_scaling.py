@@ -66,7 +66,7 @@ def test_noisy_comparison_interval_covers_the_true_difference_and_crossover():
   n = np.repeat(SIZES, 4)
   cmp = scaling.compare_fits(n, noisy(n, lambda v: pure_law(v, *DDP), 0.002, seed=2),
                              n, noisy(n, lambda v: pure_law(v, *LOCAL_SGD), 0.002, seed=3),
-                             n_boot=300, x_name="N")
+                             n_boot=200, x_name="N")
   lo, hi = cmp.d_alpha_interval
   assert lo <= 0.003 <= hi and lo > 0  # the difference is resolved at this noise
   expected = (DDP[1] ** DDP[0] / LOCAL_SGD[1] ** LOCAL_SGD[0]) ** (1.0 / (DDP[0] - LOCAL_SGD[0]))
@@ -183,7 +183,7 @@ def test_read_results_rejects_missing_and_non_numeric_columns(tmp_path):
 
 def test_analysis_without_h_ablation_notes_the_skip(tmp_path):
   write_csv(tmp_path / "r.csv", synthetic_rows(h_values=(50,)))
-  a = report.analyze(report.read_results(str(tmp_path / "r.csv")), n_boot=30)
+  a = report.analyze(report.read_results(str(tmp_path / "r.csv")), n_boot=20)
   assert a.ablation is None and any("H ablation skipped" in n for n in a.notes)
   files = report.write_report(a, str(tmp_path / "out"))
   assert not any(f.endswith("sync_every_ablation.png") for f in files)
@@ -194,7 +194,7 @@ def test_fit_binary_end_to_end(tmp_path):
   write_csv(tmp_path / "results.csv", synthetic_rows())
   out = tmp_path / "out"
   proc = subprocess.run([sys.executable, "-m", "experiments.fit",
-                         f"--results={tmp_path / 'results.csv'}", f"--out={out}", "--n_boot=60"],
+                         f"--results={tmp_path / 'results.csv'}", f"--out={out}", "--n_boot=40"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "alpha" in proc.stdout and "crossover" in proc.stdout
@@ -205,3 +205,13 @@ def test_fit_binary_end_to_end(tmp_path):
   for needle in ("exponent difference", "crossover N*", "Extrapolation check", "| 200 | 2 |",
                  "local_sgd (H=50)", "6.06e14"):
     assert needle in text, needle
+
+
+def test_fit_binary_reports_bad_input_without_a_traceback(tmp_path):
+  write_csv(tmp_path / "bad.csv", [{"algorithm": "ddp", "eval_loss": 3.0}])
+  proc = subprocess.run([sys.executable, "-m", "experiments.fit",
+                         f"--results={tmp_path / 'bad.csv'}", f"--out={tmp_path / 'out'}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "error:" in proc.stderr and "missing required columns" in proc.stderr
+  assert "Traceback" not in proc.stderr
