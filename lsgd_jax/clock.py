@@ -152,6 +152,7 @@ class Network:
     return cls(link(dev.node_link), link(cluster or dev.cluster_link), link(inter))
 
   def with_bandwidth(self, level: str, bandwidth: float) -> "Network":
+    _check("level", level, level in LEVELS, f"one of {LEVELS}")
     return dataclasses.replace(self, **{level: dataclasses.replace(getattr(self, level),
                                                                     bandwidth=bandwidth)})
 

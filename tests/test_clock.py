@@ -1,5 +1,6 @@
 """The network and device model against hand-computed cases (pure Python, fast)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -117,7 +118,6 @@ def test_sync_every_needed_inverts_utilisation():
 
 
 def _replace(run, **kw):
-  import dataclasses
   return dataclasses.replace(run, **kw)
 
 
