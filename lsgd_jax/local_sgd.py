@@ -172,59 +172,89 @@ def _sum_sq(tree) -> jax.Array:
 
 
 def make_outer_sync(layout: Layout, outer_tx: optax.GradientTransformation,
-                    exact_cosine: bool = False):
-  """Jitted `sync(state) -> (state, diagnostics)`; the state is donated.
+                    exact_cosine: bool = False, skip_nonfinite: bool = False):
+  """Jitted `sync(state, weights [K] = ones) -> (state, diagnostics)`; the state is donated.
 
-  Cross-worker traffic: one all-reduce of the parameters (the mean of the workers' parameters)
-  plus a handful of scalars for the diagnostics. `exact_cosine=True` adds a second
-  parameter-sized all-reduce to compute the exact mean pairwise cosine of the workers' deltas;
-  by default `delta_cosine` is the norm-weighted mean
-  sum_{i != j} <d_i, d_j> / sum_{i != j} |d_i| |d_j|, which needs scalars only and equals the
-  plain mean when the deltas have equal norms.
+  The mean is weighted: mean = sum_k w_k theta_k / sum_k w_k over the workers with w_k > 0. All
+  ones is plain local SGD; a failed or dropped worker has weight 0 (it is left out and rejoins
+  from the new global parameters, like every worker); weights proportional to the inner steps done
+  give the step-weighted mean of heterogeneous workers. With no contributing worker the outer
+  update is skipped. With `skip_nonfinite`, a round whose pseudo-gradient is not finite (a
+  diverged worker) is skipped too: theta and the outer state are kept and every worker restarts
+  from theta.
+
+  Cross-worker traffic: one all-reduce of the parameters plus a handful of scalars.
+  `exact_cosine=True` adds a second parameter-sized all-reduce for the exact mean pairwise cosine
+  of the workers' deltas d_k = theta - theta_k; by default `delta_cosine` is the weighted mean
+  sum_{i != j} w_i w_j <d_i, d_j> / sum_{i != j} w_i w_j |d_i| |d_j|, which needs scalars only
+  and equals the plain mean when the deltas have equal norms and weights.
 
   Diagnostics: `pseudo_grad_norm` |Delta|, `outer_update_norm` |theta_new - theta|,
-  `delta_cosine` (see above), `worker_delta_norm` mean_k |theta - theta_k|.
+  `delta_cosine`, `worker_delta_norm` (mean |d_k| over contributing workers),
+  `contributing_workers`, `outer_skipped` (1.0 if the update was skipped).
   """
-  k = layout.num_workers
 
-  def per_device(theta, outer_state, workers):  # workers local: [K / |worker|, ...]
-    mean = jax.tree.map(lambda w: lax.psum(jnp.sum(w, axis=0), WORKER) / k, workers)
+  def per_device(theta, outer_state, workers, weights):  # workers, weights: [K_local, ...]
+    w = weights.astype(jnp.float32)
+    member = w > 0
+    bcast = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1))
+    w_sum = lax.psum(jnp.sum(w), WORKER)
+    mean = jax.tree.map(
+        lambda x: lax.psum(jnp.sum(jnp.where(bcast(member, x), bcast(w, x) * x, 0), 0), WORKER)
+        / w_sum, workers)
     delta = jax.tree.map(jnp.subtract, theta, mean)  # pseudo-gradient: positive means "go down"
-    updates, outer_state = outer_tx.update(delta, outer_state, theta)
-    new_theta = optax.apply_updates(theta, updates)
+    updates, new_state = outer_tx.update(delta, outer_state, theta)
+    delta_sq = _sum_sq(delta)
+    ok = w_sum > 0
+    if skip_nonfinite:
+      ok = ok & jnp.isfinite(delta_sq)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_theta = keep(optax.apply_updates(theta, updates), theta)
+    new_state = keep(new_state, outer_state)
 
-    deltas = jax.tree.map(lambda t, w: t[None] - w, theta, workers)  # d_k = theta - theta_k
+    deltas = jax.tree.map(lambda t, x: t[None] - x, theta, workers)
     sq = sum(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)))
              for d in jax.tree.leaves(deltas))  # [K_local] = |d_k|^2
+    sq = jnp.where(member, sq, 0.0)
     norms = jnp.sqrt(sq)
-    sum_sq, sum_norm = lax.psum((jnp.sum(sq), jnp.sum(norms)), WORKER)
-    delta_sq = _sum_sq(delta)
+    w_sq, w_norm, count = lax.psum((jnp.sum(w * w * sq), jnp.sum(w * norms),
+                                    jnp.sum(member.astype(jnp.float32))), WORKER)
     if exact_cosine:
-      unit = jax.tree.map(lambda d: d / jnp.maximum(norms, 1e-30).reshape((-1,) + (1,) *
-                                                                        (d.ndim - 1)), deltas)
+      unit = jax.tree.map(lambda d: jnp.where(bcast(member, d), d / bcast(
+          jnp.maximum(norms, 1e-30), d), 0), deltas)
       u_sum = jax.tree.map(lambda u: lax.psum(jnp.sum(u, axis=0), WORKER), unit)
-      cos = (_sum_sq(u_sum) - k) / max(k * (k - 1), 1)
+      pairs = count * (count - 1)
+      cos = jnp.where(pairs > 0, (_sum_sq(u_sum) - count) / jnp.maximum(pairs, 1.0), 1.0)
     else:
-      cross = k * k * delta_sq - sum_sq  # sum_{i != j} <d_i, d_j>
-      cross_norm = sum_norm * sum_norm - sum_sq  # sum_{i != j} |d_i| |d_j|
+      cross = w_sum * w_sum * delta_sq - w_sq        # sum_{i != j} w_i w_j <d_i, d_j>
+      cross_norm = w_norm * w_norm - w_sq            # sum_{i != j} w_i w_j |d_i| |d_j|
       cos = jnp.where(cross_norm > 0, cross / jnp.where(cross_norm > 0, cross_norm, 1.0), 1.0)
     diag = {"pseudo_grad_norm": jnp.sqrt(delta_sq),
-            "outer_update_norm": jnp.sqrt(_sum_sq(updates)),
-            "delta_cosine": cos if k > 1 else jnp.ones(()),
-            "worker_delta_norm": sum_norm / k}
-    local_k = jax.tree.leaves(workers)[0].shape[0]
+            "outer_update_norm": jnp.sqrt(jnp.where(ok, _sum_sq(updates), 0.0)),
+            "delta_cosine": cos,
+            "worker_delta_norm": lax.psum(jnp.sum(norms), WORKER) / jnp.maximum(count, 1.0),
+            "contributing_workers": count,
+            "outer_skipped": 1.0 - ok.astype(jnp.float32)}
+    local_k = w.shape[0]
     new_workers = jax.tree.map(lambda t: jnp.broadcast_to(t, (local_k,) + t.shape), new_theta)
-    return new_theta, outer_state, new_workers, diag
+    return new_theta, new_state, new_workers, diag
 
-  lifted = jax.shard_map(per_device, mesh=layout.mesh, in_specs=(P(), P(), P(WORKER)),
+  lifted = jax.shard_map(per_device, mesh=layout.mesh, in_specs=(P(), P(), P(WORKER), P(WORKER)),
                          out_specs=(P(), P(), P(WORKER), P()))
 
-  def outer_sync(state: TrainState):
+  def outer_sync(state: TrainState, weights: jax.Array | None = None):
+    if weights is None:
+      weights = jnp.ones((layout.num_workers,), jnp.float32)
     theta, outer_state, workers, diag = lifted(state.outer_params, state.outer_opt_state,
-                                               state.params)
+                                               state.params, weights)
     return state._replace(params=workers, outer_params=theta, outer_opt_state=outer_state), diag
 
   return jax.jit(outer_sync, donate_argnums=0)
+
+
+def uniform_weights(layout: Layout) -> jax.Array:
+  """All workers contribute equally: the weights of plain local SGD, on the mesh."""
+  return jax.device_put(jnp.ones((layout.num_workers,), jnp.float32), layout.per_worker)
 
 
 def make_eval_step(layout: Layout, loss_fn: LossFn):

@@ -213,3 +213,46 @@ def test_optimizer_errors():
     optim.outer_optimizer("nesterov", 0.7, 1.5)
   assert isinstance(optim.outer_optimizer("adam", 0.1, kwargs={"b1": 0.5}),
                     optax.GradientTransformation)
+
+
+def _hand_state(layout, outer, theta, workers):
+  return local_sgd.TrainState(
+      jnp.zeros((), jnp.int32), {"w": jax.device_put(np.asarray(workers, np.float32),
+                                                     layout.per_worker)}, (),
+      {"w": jnp.asarray(theta, jnp.float32)}, outer.init({"w": jnp.zeros(len(theta))}))
+
+
+def test_weighted_mean_leaves_out_failed_workers_and_they_rejoin():
+  layout = mesh.make_layout(4)
+  outer = optim.outer_optimizer("average")
+  theta = np.array([0.0, 0.0])
+  workers = np.array([[1.0, 2.0], [3.0, 4.0], [np.nan, np.nan], [5.0, 0.0]])  # worker 2 failed
+  sync = local_sgd.make_outer_sync(layout, outer)
+  weights = jax.device_put(np.array([1.0, 1.0, 0.0, 2.0], np.float32), layout.per_worker)
+  state, diag = sync(_hand_state(layout, outer, theta, workers), weights)
+  expected = (workers[0] + workers[1] + 2 * workers[3]) / 4  # weighted mean of the survivors
+  np.testing.assert_allclose(np.asarray(state.outer_params["w"]), expected, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.params["w"]), np.tile(expected, (4, 1)), rtol=1e-6)
+  assert float(diag["contributing_workers"]) == 3 and float(diag["outer_skipped"]) == 0
+  # Nobody contributes: the update is skipped, every worker restarts from theta.
+  state, diag = sync(_hand_state(layout, outer, theta, workers),
+                     jax.device_put(np.zeros(4, np.float32), layout.per_worker))
+  np.testing.assert_array_equal(np.asarray(state.outer_params["w"]), theta)
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), np.zeros((4, 2)))
+  assert float(diag["outer_skipped"]) == 1
+
+
+def test_nonfinite_round_is_skipped_only_under_the_skip_policy():
+  layout = mesh.make_layout(2)
+  outer = optim.outer_optimizer("nesterov")
+  theta = np.array([1.0, 1.0])
+  workers = np.array([[0.5, 0.5], [np.inf, 0.0]])
+  state, diag = local_sgd.make_outer_sync(layout, outer, skip_nonfinite=True)(
+      _hand_state(layout, outer, theta, workers))
+  np.testing.assert_array_equal(np.asarray(state.outer_params["w"]), theta)
+  np.testing.assert_array_equal(np.asarray(state.outer_opt_state[0].trace["w"]), [0.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(state.params["w"]), [theta, theta])
+  assert float(diag["outer_skipped"]) == 1
+  state, diag = local_sgd.make_outer_sync(layout, outer)(_hand_state(layout, outer, theta,
+                                                                     workers))
+  assert not np.all(np.isfinite(np.asarray(state.outer_params["w"])))  # "stop" policy: visible
