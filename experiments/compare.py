@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import distributed_flags
 from lsgd_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
@@ -22,9 +23,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
+    distributed_flags.initialize()  # before anything touches devices
     train.compare_algorithms(_CONFIG.value, _WORKDIR.value, tuple(_ALGORITHMS.value))
-  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the message, no traceback
     sys.exit(f"error: {e}")
+  except train.Preempted as e:  # the checkpoint is saved; the same command resumes
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

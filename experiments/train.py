@@ -1,6 +1,8 @@
 """Trains one run: `python -m experiments.train --config=configs/NAME.py[:ARG] --workdir=DIR`.
 
 Any config key can be overridden: `--config.local_sgd.sync_every=50 --config.algorithm=ddp`.
+Multi-process (several hosts, or processes on one host): every process runs the same command plus
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (WORKSPACE.md).
 """
 
 import sys
@@ -8,6 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import distributed_flags
 from lsgd_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
@@ -20,9 +23,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
+    distributed_flags.initialize()  # before anything touches devices
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the message, no traceback
     sys.exit(f"error: {e}")
+  except train.Preempted as e:  # the checkpoint is saved; the same command resumes
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lsgd_jax import data, local_sgd, model, optim
+from lsgd_jax import data, local_sgd, model, optim, tokenizers
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,8 +24,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_seq_len = 2048      # longest sequence the model accepts
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "shakespeare"  # "shakespeare" (embedded, public domain) or "text" (data.path)
-  c.data.path = ""             # file or folder of .txt files for name="text"
+  c.data.name = "shakespeare"  # "shakespeare" / "kjv" (embedded, public domain), "text"
+                               # (data.path), "c4" / "tfds" (prepared tfds data in data.data_dir)
+  c.data.path = ""             # "text": a .txt / .jsonl / .parquet file or a folder of them;
+                               # "c4" / "tfds": "NAME/CONFIG:VERSION" ("": "c4/en:3.0.1")
+  c.data.data_dir = ""         # tfds root: corpora are built and cached here, C4 is read from here
+                               # ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.tokenizer = "byte"    # "byte", "sentencepiece" (trained on the corpus, cached beside
+                               # it), or the path of a SentencePiece .model file
+  c.data.vocab_size = 4096     # vocabulary of a trained SentencePiece model (the model's follows)
+  c.data.text_field = "text"   # JSONL / Parquet / tfds field holding a document's text
+  c.data.domain_field = ""     # JSONL / Parquet field naming a document's domain ("": its file)
+  c.data.non_iid = "none"      # worker split: "none" (i.i.d.), "domain" (each worker whole
+                               # domains), "dirichlet" (each domain split by Dir(alpha) shares)
+  c.data.dirichlet_alpha = 0.5  # concentration for non_iid="dirichlet": small is skewed
+  c.data.prefetch = 2          # batches the host thread prepares ahead of the step
   c.data.seq_len = 128         # tokens per training sequence
   c.data.val_fraction = 0.05   # share of the corpus held out for evaluation
 
@@ -56,6 +69,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_sgd.outer_kwargs = ml_collections.ConfigDict()  # extra arguments of an optax optimizer
   c.local_sgd.exact_cosine = False   # exact pairwise cosine (costs a second parameter all-reduce)
 
+  c.train.on_nonfinite = "stop"  # divergence: "stop" (keep the last good checkpoint) or "skip"
+  #                                (skip non-finite steps; skip the round and reset workers)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 0       # save every N steps (0: off); always at the end and on signal
+  c.checkpoint.every_minutes = 10.0  # and every N minutes of wall time (0: off)
+  c.checkpoint.max_to_keep = 3       # newest checkpoints kept
+  c.checkpoint.async_save = True     # write in the background while training goes on
+
+  c.faults = ml_collections.ConfigDict()  # injected faults (reliability and edge studies)
+  c.faults.fail_prob = 0.0      # chance that a worker fails in a round (left out of the mean)
+  c.faults.fail_schedule = ""   # failures at given rounds: "ROUND:WORKER,..." (0-based)
+  c.faults.nan_step = -1        # at this step one worker's parameters become NaN (-1: never)
+  c.faults.nan_worker = 0       # ... this worker
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0  # devices to use (0: all visible)
   return c
@@ -73,6 +101,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.optim.name not in optim.INNER_OPTIMIZERS:
     raise ValueError(f"Unknown inner optimizer {c.optim.name!r}; allowed: "
                      f"{', '.join(optim.INNER_OPTIMIZERS)}.")
+  _validate_data(c.data)
   if c.data.seq_len < 1 or c.data.seq_len > c.model.max_seq_len:
     raise ValueError(f"data.seq_len={c.data.seq_len} must be in [1, model.max_seq_len="
                      f"{c.model.max_seq_len}].")
@@ -85,6 +114,44 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ValueError(f"train.{key} must be non-negative, got {c.train[key]}.")
+  if c.train.on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {c.train.on_nonfinite!r}.")
+  if not 0.0 <= c.faults.fail_prob <= 1.0:
+    raise ValueError(f"faults.fail_prob must be in [0, 1], got {c.faults.fail_prob}.")
+  if c.algorithm == "ddp" and (c.faults.fail_prob or c.faults.fail_schedule or
+                               c.faults.nan_step >= 0):
+    raise ValueError("faults.* inject worker failures and diverged workers into local SGD; "
+                     "they do not apply to algorithm='ddp'.")
+  if not 0 <= c.faults.nan_worker < c.local_sgd.num_workers:
+    raise ValueError(f"faults.nan_worker={c.faults.nan_worker} must be in "
+                     f"[0, num_workers={c.local_sgd.num_workers}).")
+  for key in ("every_steps", "every_minutes"):
+    if c.checkpoint[key] < 0:
+      raise ValueError(f"checkpoint.{key} must be non-negative, got {c.checkpoint[key]}.")
+  if c.checkpoint.max_to_keep < 1:
+    raise ValueError(f"checkpoint.max_to_keep must be at least 1, got {c.checkpoint.max_to_keep}.")
   if c.algorithm == "local_sgd":  # builds the outer optimizer once to check its name and args
     optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
                           c.local_sgd.outer_momentum, c.local_sgd.outer_kwargs.to_dict())
+
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+  if d.name == "text" and not d.path:
+    raise ValueError("data.name='text' needs data.path: a .txt / .jsonl / .parquet file or a "
+                     "folder of them.")
+  if d.name == "tfds" and not d.path:
+    raise ValueError("data.name='tfds' needs data.path='NAME/CONFIG:VERSION'.")
+  if d.tokenizer not in tokenizers.TOKENIZERS and not d.tokenizer.endswith(".model"):
+    raise ValueError(f"Unknown data.tokenizer {d.tokenizer!r}; allowed: 'byte', 'sentencepiece', "
+                     "or the path of a SentencePiece .model file.")
+  if d.tokenizer == "sentencepiece" and d.vocab_size < 300:
+    raise ValueError(f"data.vocab_size={d.vocab_size} is too small for a SentencePiece model "
+                     "with byte fallback; use at least 300.")
+  if d.non_iid not in data.NON_IID:
+    raise ValueError(f"Unknown data.non_iid {d.non_iid!r}; allowed: {', '.join(data.NON_IID)}.")
+  if not d.dirichlet_alpha > 0:
+    raise ValueError(f"data.dirichlet_alpha must be positive, got {d.dirichlet_alpha}.")
+  if not 0 < d.val_fraction < 1:
+    raise ValueError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
+  if d.prefetch < 1:
+    raise ValueError(f"data.prefetch must be at least 1, got {d.prefetch}.")

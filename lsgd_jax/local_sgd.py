@@ -162,7 +162,12 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
   def train_step(state: TrainState, batch: jax.Array):
     params, opt_state, m = lifted(state.params, state.opt_state, batch)
     state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return state, {"worker_loss": m["loss"], "grad_norm": m["grad_norm"]}
+    metrics = {"worker_loss": m["loss"], "grad_norm": m["grad_norm"]}
+    # Steps skipped for non-finite gradients (inner optimizer wrapped in optax.apply_if_finite).
+    skipped = optax.tree_utils.tree_get(opt_state, "total_notfinite", None)
+    if skipped is not None:
+      metrics["skipped_steps"] = skipped
+    return state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
 

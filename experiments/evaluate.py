@@ -1,0 +1,29 @@
+"""Held-out loss and perplexity of an exported model.
+
+  python -m experiments.evaluate --model=WORKDIR/export
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from lsgd_jax import train
+
+_MODEL = flags.DEFINE_string("model", None, "An exported model folder (a run's workdir/export).")
+flags.mark_flags_as_required(["model"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    result = train.evaluate_exported(_MODEL.value)
+  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+    sys.exit(f"error: {e}")
+  print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
