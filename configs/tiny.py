@@ -16,6 +16,7 @@ def get_config(arg: str = "local_sgd"):
   c.algorithm = arg or "local_sgd"  # "local_sgd" or "ddp"
   c.model.size = "cpu-tiny"         # 2 layers, width 64
   c.model.max_seq_len = 256
+  c.data.tokenizer = "byte"         # 257 tokens, no vocabulary to train: the fastest start
   c.data.seq_len = 64
   c.train.steps = 60
   c.train.global_batch = 32         # 4 sequences per worker

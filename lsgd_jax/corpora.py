@@ -312,15 +312,14 @@ def open_tfds(data_dir: str, name: str):
     raise FileNotFoundError(
         f"No prepared tfds dataset {name!r} in {path} (data.data_dir={data_dir!r}). Nothing is "
         f"downloaded unless you do it: {fetch}. See WORKSPACE.md, section Data.")
-  with _quiet_tfds():
-    builder = tfds.builder_from_directory(path)
-  formats = {builder.info.file_format.value if builder.info.file_format else "tfrecord"}
-  formats |= {f.value for f in builder.info.alternative_file_formats}
+  info = json.loads((epath.Path(path) / "dataset_info.json").read_text())
+  formats = {info.get("fileFormat") or "tfrecord", *info.get("alternativeFileFormats", [])}
   if "array_record" not in formats:
     raise ValueError(f"The tfds dataset in {path} is stored as {sorted(formats)}, which needs "
                      f"TensorFlow to read; convert it once: python -m lsgd_jax.corpora "
                      f"to-array-record {path}")
-  return builder
+  with _quiet_tfds():
+    return tfds.builder_from_directory(path)
 
 
 def data_source(builder, split: str):

@@ -129,7 +129,7 @@ def build_tokenizer(spec: str, *, vocab_size: int, cache_dir: str | None,
         raise ValueError("Training a SentencePiece vocabulary needs the corpus texts.")
       train_sentencepiece(texts, vocab_size, path)
     return SentencePieceTokenizer(path)
-  if spec.endswith(".model") or os.path.sep in spec:
+  if spec.endswith(".model"):
     return SentencePieceTokenizer(os.path.expanduser(spec))
   raise ValueError(f"Unknown tokenizer {spec!r}; allowed: 'byte', 'sentencepiece', or a path to "
                    "a SentencePiece .model file.")
