@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lsgd_jax import data, local_sgd, model, optim, tokenizers
+from lsgd_jax import clock, data, local_sgd, model, optim, tokenizers
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,6 +68,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_sgd.outer_momentum = 0.9   # DiLoCo's default
   c.local_sgd.outer_kwargs = ml_collections.ConfigDict()  # extra arguments of an optax optimizer
   c.local_sgd.exact_cosine = False   # exact pairwise cosine (costs a second parameter all-reduce)
+  c.local_sgd.two_stage = "auto"     # outer sync on 1/|data| slices, outer state sharded over
+                                     # 'data' (DESIGN.md 4): "auto" (when a worker has several
+                                     # devices), True or False; same results, 1/|data| the bytes
+  # Hierarchical local SGD (num_clusters > 1): mesh ('cluster', 'worker', 'data'); the workers of a
+  # cluster sync every cluster_sync_every = H1 steps with the cluster optimizer, the clusters every
+  # sync_every = H2 steps (a multiple of H1) with the outer optimizer above.
+  c.local_sgd.num_clusters = 1       # C clusters of num_workers / C workers (1: flat local SGD)
+  c.local_sgd.cluster_sync_every = 1  # H1: inner steps between in-cluster syncs
+  c.local_sgd.cluster_outer_optimizer = "nesterov"  # as outer_optimizer, inside each cluster
+  c.local_sgd.cluster_outer_lr = 0.7
+  c.local_sgd.cluster_outer_momentum = 0.9
 
   c.train.on_nonfinite = "stop"  # divergence: "stop" (keep the last good checkpoint) or "skip"
   #                                (skip non-finite steps; skip the round and reset workers)
@@ -83,6 +94,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.faults.fail_schedule = ""   # failures at given rounds: "ROUND:WORKER,..." (0-based)
   c.faults.nan_step = -1        # at this step one worker's parameters become NaN (-1: never)
   c.faults.nan_worker = 0       # ... this worker
+
+  c.clock = ml_collections.ConfigDict()  # simulated wall clock `sim_time` (lsgd_jax/clock.py)
+  c.clock.device = "h100"        # device preset of clock.DEVICES ("": no sim_time)
+  c.clock.inter_link = "wan-10g"  # link between workers (flat) or clusters (hierarchical), a
+                                  # clock.LINKS preset
+  c.clock.cluster_link = ""      # link between the workers of one cluster ("": the device's)
+  c.clock.overlap = False        # communication overlaps computation
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0  # devices to use (0: all visible)
@@ -130,9 +148,37 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f"checkpoint.{key} must be non-negative, got {c.checkpoint[key]}.")
   if c.checkpoint.max_to_keep < 1:
     raise ValueError(f"checkpoint.max_to_keep must be at least 1, got {c.checkpoint.max_to_keep}.")
+  _validate_hierarchy(c)
   if c.algorithm == "local_sgd":  # builds the outer optimizer once to check its name and args
     optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
                           c.local_sgd.outer_momentum, c.local_sgd.outer_kwargs.to_dict())
+
+
+def _validate_hierarchy(c: ml_collections.ConfigDict) -> None:
+  s = c.local_sgd
+  if s.two_stage not in ("auto", True, False) or isinstance(s.two_stage, int) and not isinstance(
+      s.two_stage, bool):
+    raise ValueError(f"local_sgd.two_stage must be 'auto', True or False, got {s.two_stage!r}.")
+  if s.num_clusters < 1 or s.num_workers % s.num_clusters:
+    raise ValueError(f"local_sgd.num_clusters={s.num_clusters} must divide local_sgd.num_workers="
+                     f"{s.num_workers} (each cluster gets an equal share of workers).")
+  if s.num_clusters > 1:
+    if c.algorithm != "local_sgd":
+      raise ValueError("local_sgd.num_clusters > 1 (hierarchical local SGD) needs "
+                       "algorithm='local_sgd'.")
+    h1, h2 = s.cluster_sync_every, s.sync_every
+    if h1 < 1 or h2 % h1:
+      raise ValueError(f"local_sgd.sync_every (H2) = {h2} must be a multiple of "
+                       f"local_sgd.cluster_sync_every (H1) = {h1} >= 1: every global sync is also "
+                       f"a cluster sync; e.g. H1 in "
+                       f"{[d for d in range(1, h2 + 1) if h2 % d == 0]}.")
+    optim.outer_optimizer(s.cluster_outer_optimizer, s.cluster_outer_lr,
+                          s.cluster_outer_momentum)
+  if c.clock.device:
+    clock.device(c.clock.device)
+    clock.link(c.clock.inter_link)
+    if c.clock.cluster_link:
+      clock.link(c.clock.cluster_link)
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:

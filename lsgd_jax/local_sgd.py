@@ -12,13 +12,22 @@ One code path (DESIGN.md section 3, STYLE.md habit 3 "wrap, don't fork"):
   every worker restarts from the new theta. Inner optimizer states stay with their workers.
 - DDP is `replica_step` with gradients averaged over `('worker', 'data')`, one replicated model.
 
+- Two-stage (DESIGN.md section 4, `Layout.two_stage`): the devices of a worker hold the same
+  replica, so each averages only its 1/|data| slice over `'worker'`, updates the slice of theta and
+  of the outer optimizer state it keeps (sharded over `'data'`), then all-gathers theta over
+  `'data'`. Same result as the plain sync for elementwise outer optimizers.
+- Hierarchical (mesh `('cluster', 'worker', 'data')`): `make_cluster_sync` is the outer sync
+  inside every cluster (every H1 steps, per-cluster theta_c and optimizer); `make_outer_sync` is
+  then the global step over the clusters' theta_c (every H2 steps, after a cluster sync).
+
 State layout (see mesh.py): per-worker leaves carry a leading axis of size K sharded over
-`'worker'`; global leaves are replicated.
+`Layout.worker_axes`; global leaves are replicated (two-stage: flattened, sharded over 'data').
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,7 +36,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lsgd_jax.mesh import DATA, WORKER, Layout
+from lsgd_jax.mesh import CLUSTER, DATA, WORKER, Layout
 
 PyTree = Any
 LossFn = Callable[[PyTree, jax.Array], jax.Array]  # (params, batch [B, T + 1]) -> scalar loss
@@ -37,11 +46,18 @@ ALGORITHMS = ("local_sgd", "ddp")
 class TrainState(NamedTuple):
   """Everything that changes during training (a pytree; checkpointed whole).
 
-  step:            number of inner steps taken (int32 scalar, replicated).
-  params:          local SGD: the workers' parameters [K, ...]; DDP: the one replica [...].
-  opt_state:       inner optimizer state, laid out like `params` (never averaged).
-  outer_params:    local SGD: the global parameters theta (replicated); DDP: ().
-  outer_opt_state: local SGD: the outer optimizer state, e.g. Nesterov momentum; DDP: ().
+  step:              number of inner steps taken (int32 scalar, replicated).
+  params:            local SGD: the workers' parameters [K, ...]; DDP: the one replica [...].
+  opt_state:         inner optimizer state, laid out like `params` (never averaged).
+  outer_params:      local SGD: the global parameters theta (replicated; two-stage: each leaf
+                     flattened, zero-padded to a multiple of |data| and sharded over 'data');
+                     DDP: (). `global_params(state)` gives the model in its normal shapes.
+  outer_opt_state:   local SGD: the outer optimizer state, e.g. Nesterov momentum, laid out like
+                     `outer_params`; DDP: ().
+  cluster_params:    hierarchical local SGD: each cluster's parameters theta_c [C, ...] (the
+                     leaves of `outer_params` with a leading cluster axis, sharded over
+                     'cluster'); otherwise ().
+  cluster_opt_state: hierarchical: the cluster-level outer optimizer state [C, ...]; otherwise ().
   """
 
   step: jax.Array
@@ -49,6 +65,8 @@ class TrainState(NamedTuple):
   opt_state: PyTree
   outer_params: PyTree
   outer_opt_state: PyTree
+  cluster_params: PyTree = ()
+  cluster_opt_state: PyTree = ()
 
 
 def replica_step(params: PyTree, opt_state: PyTree, batch: jax.Array, *, loss_fn: LossFn,
@@ -72,7 +90,7 @@ def replica_step(params: PyTree, opt_state: PyTree, batch: jax.Array, *, loss_fn
 
 
 def _nontrivial(layout: Layout, *axes: str) -> tuple[str, ...]:
-  return tuple(a for a in axes if layout.mesh.shape[a] > 1)
+  return tuple(a for a in axes if layout.mesh.shape.get(a, 1) > 1)
 
 
 def _check_algorithm(algorithm: str) -> None:
@@ -82,43 +100,122 @@ def _check_algorithm(algorithm: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # State creation (shape first: eval_shape -> shardings -> jit(init, out_shardings)).
+#
+# Two-stage layout of the global (outer) state (DESIGN.md section 4): every leaf is stored
+# flattened and zero-padded to a multiple of |data| = D, sharded over 'data', so a device keeps
+# 1/D of theta and of the outer optimizer state. The padding is zero in theta, in every worker's
+# slice and hence in the pseudo-gradient; elementwise outer optimizers (SGD, Nesterov, averaging,
+# Adam, Lion, ...) keep it zero and give exactly the plain result. An optimizer that needs global
+# statistics of a leaf (e.g. a per-tensor norm, as in LAMB/LARS) would see only a slice and differ.
+
+
+def _padded(n: int, d: int) -> int:
+  return -(-n // d) * d
+
+
+def to_outer_layout(layout: Layout, params: PyTree) -> PyTree:
+  """Normal-shaped global parameters -> the stored outer layout (identity unless two-stage)."""
+  if not layout.two_stage:
+    return params
+  d = layout.data_axis_size
+  return jax.tree.map(
+      lambda p: jnp.pad(jnp.ravel(p), (0, _padded(math.prod(p.shape), d) - math.prod(p.shape))),
+      params)
+
+
+def _unflatten(stored: PyTree, like: PyTree) -> PyTree:
+  """Stored outer leaves -> the shapes of `like` (a tree of arrays or shapes of one replica)."""
+  return jax.tree.map(lambda o, p: o[:math.prod(p.shape)].reshape(p.shape), stored, like)
+
+
+def _outer_spec(layout: Layout, x) -> P:
+  return P(DATA) if layout.two_stage and x.ndim == 1 else P()
+
+
+def _cluster_spec(layout: Layout, x) -> P:
+  return P(CLUSTER, DATA) if layout.two_stage and x.ndim == 2 else P(CLUSTER)
 
 
 def state_shardings(layout: Layout, state: TrainState) -> TrainState:
   """The NamedSharding of every leaf of a (possibly abstract) state."""
   per_worker = lambda tree: jax.tree.map(lambda _: layout.per_worker, tree)
   replicated = lambda tree: jax.tree.map(lambda _: layout.replicated, tree)
+  specs = lambda tree, fn: jax.tree.map(lambda x: layout.sharding(fn(layout, x)), tree)
   stacked = state.outer_params != ()  # local SGD states carry outer parameters
   return TrainState(
       step=layout.replicated,
       params=per_worker(state.params) if stacked else replicated(state.params),
       opt_state=per_worker(state.opt_state) if stacked else replicated(state.opt_state),
-      outer_params=replicated(state.outer_params),
-      outer_opt_state=replicated(state.outer_opt_state))
+      outer_params=specs(state.outer_params, _outer_spec),
+      outer_opt_state=specs(state.outer_opt_state, _outer_spec),
+      cluster_params=specs(state.cluster_params, _cluster_spec),
+      cluster_opt_state=specs(state.cluster_opt_state, _cluster_spec))
 
 
 def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array], PyTree],
                tx: optax.GradientTransformation,
-               outer_tx: optax.GradientTransformation | None, rng: jax.Array) -> TrainState:
-  """Creates the sharded training state directly on the mesh (no host copy of K replicas)."""
+               outer_tx: optax.GradientTransformation | None, rng: jax.Array,
+               cluster_tx: optax.GradientTransformation | None = None) -> TrainState:
+  """Creates the sharded training state directly on the mesh (no host copy of K replicas).
+
+  A hierarchical layout needs `cluster_tx`, the optimizer of the in-cluster outer syncs.
+  """
   _check_algorithm(algorithm)
   k = layout.num_workers
+  if algorithm == "local_sgd" and layout.hierarchical and cluster_tx is None:
+    raise ValueError("A hierarchical layout (num_clusters given) needs cluster_tx, the outer "
+                     "optimizer of the in-cluster syncs.")
 
   def init(rng):
     params = init_params(rng)
     if algorithm == "ddp":
       return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), (), ())
     workers = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
-    return TrainState(jnp.zeros((), jnp.int32), workers, jax.vmap(tx.init)(workers), params,
-                      outer_tx.init(params))
+    outer = to_outer_layout(layout, params)
+    state = TrainState(jnp.zeros((), jnp.int32), workers, jax.vmap(tx.init)(workers), outer,
+                       outer_tx.init(outer))
+    if layout.hierarchical:
+      c = layout.num_clusters
+      clusters = jax.tree.map(lambda o: jnp.broadcast_to(o, (c,) + o.shape), outer)
+      state = state._replace(cluster_params=clusters,
+                             cluster_opt_state=jax.vmap(cluster_tx.init)(clusters))
+    return state
 
   abstract = jax.eval_shape(init, rng)
   return jax.jit(init, out_shardings=state_shardings(layout, abstract))(rng)
 
 
+def outer_state(layout: Layout, params: PyTree, outer_tx: optax.GradientTransformation):
+  """(outer_params, outer_opt_state) for normal-shaped global `params`, laid out and sharded
+  for `layout` (e.g. to build a TrainState by hand)."""
+
+  def make(params):
+    outer = to_outer_layout(layout, params)
+    return outer, outer_tx.init(outer)
+
+  abstract = jax.eval_shape(make, params)
+  shard = jax.tree.map(lambda x: layout.sharding(_outer_spec(layout, x)), abstract)
+  return jax.jit(make, out_shardings=shard)(params)
+
+
+@functools.lru_cache(maxsize=None)
+def _unflatten_fn(mesh, shapes: tuple[tuple[int, ...], ...]):
+  def unflatten(leaves):
+    return [o[:math.prod(sh)].reshape(sh) for o, sh in zip(leaves, shapes)]
+
+  return jax.jit(unflatten, out_shardings=jax.sharding.NamedSharding(mesh, P()))
+
+
 def global_params(state: TrainState) -> PyTree:
-  """The model to evaluate or export: theta for local SGD, the one replica for DDP."""
-  return state.outer_params if state.outer_params != () else state.params
+  """The model to evaluate or export: theta for local SGD (in its normal shapes; replicated if it
+  was sharded), the one replica for DDP."""
+  if state.outer_params == ():
+    return state.params
+  leaves, treedef = jax.tree.flatten(state.outer_params)
+  shapes = tuple(tuple(w.shape[1:]) for w in jax.tree.leaves(state.params))
+  if all(o.shape == sh for o, sh in zip(leaves, shapes)):
+    return state.outer_params  # the plain layout: stored as it is
+  return jax.tree.unflatten(treedef, _unflatten_fn(leaves[0].sharding.mesh, shapes)(leaves))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +234,8 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
   # Mesh axes of size 1 are left out of the specs and of the gradient mean: a collective over
   # them would still be compiled and run.
   data_spec = DATA if layout.data_axis_size > 1 else None
-  worker_spec = WORKER if layout.worker_axis_size > 1 else None
+  workers = P(layout.worker_axes)
+  worker_spec = layout.worker_axes if layout.worker_axis_size > 1 else None
   if algorithm == "local_sgd":
     step = functools.partial(replica_step, loss_fn=loss_fn, tx=tx,
                              grad_axes=_nontrivial(layout, DATA))
@@ -145,11 +243,11 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
     def per_device(params, opt_state, batch):  # local: [K / |worker|, ...]
       return jax.vmap(step)(params, opt_state, batch)
 
-    specs = (P(WORKER), P(WORKER), P(WORKER, data_spec))
-    out_specs = (P(WORKER), P(WORKER), P(WORKER))
+    specs = (workers, workers, P(layout.worker_axes, data_spec))
+    out_specs = (workers, workers, workers)
   else:
     step = functools.partial(replica_step, loss_fn=loss_fn, tx=tx,
-                             grad_axes=_nontrivial(layout, WORKER, DATA))
+                             grad_axes=_nontrivial(layout, CLUSTER, WORKER, DATA))
 
     def per_device(params, opt_state, batch):  # local batch: [K / |worker|, b, T + 1]
       params, opt_state, m = step(params, opt_state, batch.reshape(-1, batch.shape[-1]))
@@ -176,85 +274,228 @@ def _sum_sq(tree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
+def _outer_round(theta, outer_state, workers, weights, *, outer_tx, reduce_axes, shard_axes,
+                 exact_cosine, skip_nonfinite):
+  """One outer update seen from one device (inside `shard_map`).
+
+  theta, outer_state: this device's part of the global state (all of it, or its slice over
+  `shard_axes`); workers: [K_local, *theta.shape] the same part of this device's replicas;
+  weights: [K_local]. The weighted mean runs over `reduce_axes`; scalar statistics are summed over
+  `shard_axes` (the slices of one vector), so every device sees whole-model norms. Returns
+  (new theta part, new outer state part, diagnostics).
+  """
+  total = (lambda v: lax.psum(v, shard_axes)) if shard_axes else (lambda v: v)
+  w = weights.astype(jnp.float32)
+  member = w > 0
+  bcast = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1))
+  w_sum = lax.psum(jnp.sum(w), reduce_axes)
+  any_member = w_sum > 0
+  mean = jax.tree.map(
+      lambda x: lax.psum(jnp.sum(jnp.where(bcast(member, x), bcast(w, x) * x, 0), 0),
+                         reduce_axes) / jnp.where(any_member, w_sum, 1.0), workers)
+  # pseudo-gradient: positive means "go down"; zero (not 0 / 0) when no worker contributes
+  delta = jax.tree.map(lambda t, m: jnp.where(any_member, t - m, 0), theta, mean)
+  updates, new_state = outer_tx.update(delta, outer_state, theta)
+  delta_sq = total(_sum_sq(delta))
+  ok = any_member
+  if skip_nonfinite:
+    ok = ok & jnp.isfinite(delta_sq)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_theta = keep(optax.apply_updates(theta, updates), theta)
+  new_state = keep(new_state, outer_state)
+
+  deltas = jax.tree.map(lambda t, x: t[None] - x, theta, workers)
+  sq = total(sum(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)))
+                 for d in jax.tree.leaves(deltas)))  # [K_local] = |d_k|^2
+  sq = jnp.where(member, sq, 0.0)
+  norms = jnp.sqrt(sq)
+  w_sq, w_norm, count = lax.psum((jnp.sum(w * w * sq), jnp.sum(w * norms),
+                                  jnp.sum(member.astype(jnp.float32))), reduce_axes)
+  if exact_cosine:
+    unit = jax.tree.map(lambda d: jnp.where(bcast(member, d), d / bcast(
+        jnp.maximum(norms, 1e-30), d), 0), deltas)
+    u_sum = jax.tree.map(lambda u: lax.psum(jnp.sum(u, axis=0), reduce_axes), unit)
+    pairs = count * (count - 1)
+    cos = jnp.where(pairs > 0, (total(_sum_sq(u_sum)) - count) / jnp.maximum(pairs, 1.0), 1.0)
+  else:
+    cross = w_sum * w_sum * delta_sq - w_sq        # sum_{i != j} w_i w_j <d_i, d_j>
+    cross_norm = w_norm * w_norm - w_sq            # sum_{i != j} w_i w_j |d_i| |d_j|
+    cos = jnp.where(cross_norm > 0, cross / jnp.where(cross_norm > 0, cross_norm, 1.0), 1.0)
+  diag = {"pseudo_grad_norm": jnp.sqrt(delta_sq),
+          "outer_update_norm": jnp.sqrt(jnp.where(ok, total(_sum_sq(updates)), 0.0)),
+          "delta_cosine": cos,
+          "worker_delta_norm": lax.psum(jnp.sum(norms), reduce_axes) / jnp.maximum(count, 1.0),
+          "contributing_workers": count,
+          "outer_skipped": 1.0 - ok.astype(jnp.float32)}
+  return new_theta, new_state, diag
+
+
+def _my_slice(layout: Layout, workers: PyTree, theta: PyTree) -> PyTree:
+  """Two-stage: this device's 1/|data| slice [K_local, m] of its replicas' flattened, zero-padded
+  leaves (every device of a worker holds the whole replica; no communication)."""
+  d = layout.data_axis_size
+
+  def take(x, t):
+    m = t.shape[0]
+    flat = x.reshape(x.shape[0], -1)
+    flat = jnp.pad(flat, ((0, 0), (0, m * d - flat.shape[1])))
+    return lax.dynamic_slice_in_dim(flat, lax.axis_index(DATA) * m, m, axis=1)
+
+  return jax.tree.map(take, workers, theta)
+
+
+def _whole(layout: Layout, theta: PyTree, like: PyTree) -> PyTree:
+  """The replica-shaped parameters from this device's part of theta (two-stage: an all-gather
+  over 'data' of the slices, then the padding cut off)."""
+  if not layout.two_stage:
+    return theta
+  gathered = jax.tree.map(  # invariant over "data": the same whole on every device
+      lambda t: lax.all_gather(t, DATA, tiled=True, to="invarying"), theta)
+  return _unflatten(gathered, like)
+
+
+def _sync_kwargs(layout, outer_tx, exact_cosine, skip_nonfinite, reduce_axes):
+  return dict(outer_tx=outer_tx, reduce_axes=reduce_axes,
+              shard_axes=(DATA,) if layout.two_stage else (), exact_cosine=exact_cosine,
+              skip_nonfinite=skip_nonfinite)
+
+
 def make_outer_sync(layout: Layout, outer_tx: optax.GradientTransformation,
                     exact_cosine: bool = False, skip_nonfinite: bool = False):
-  """Jitted `sync(state, weights [K] = ones) -> (state, diagnostics)`; the state is donated.
+  """Jitted `sync(state, weights = ones) -> (state, diagnostics)`; the state is donated.
 
-  The mean is weighted: mean = sum_k w_k theta_k / sum_k w_k over the workers with w_k > 0. All
-  ones is plain local SGD; a failed or dropped worker has weight 0 (it is left out and rejoins
-  from the new global parameters, like every worker); weights proportional to the inner steps done
-  give the step-weighted mean of heterogeneous workers. With no contributing worker the outer
-  update is skipped. With `skip_nonfinite`, a round whose pseudo-gradient is not finite (a
-  diverged worker) is skipped too: theta and the outer state are kept and every worker restarts
-  from theta.
+  Flat layout, weights [K]: the mean is weighted: mean = sum_k w_k theta_k / sum_k w_k over the
+  workers with w_k > 0. All ones is plain local SGD; a failed or dropped worker has weight 0 (it is
+  left out and rejoins from the new global parameters, like every worker); weights proportional
+  to the inner steps done give the step-weighted mean of heterogeneous workers. With no
+  contributing worker the outer update is skipped. With `skip_nonfinite`, a round whose
+  pseudo-gradient is not finite (a diverged worker) is skipped too: theta and the outer state are
+  kept and every worker restarts from theta.
 
-  Cross-worker traffic: one all-reduce of the parameters plus a handful of scalars.
-  `exact_cosine=True` adds a second parameter-sized all-reduce for the exact mean pairwise cosine
-  of the workers' deltas d_k = theta - theta_k; by default `delta_cosine` is the weighted mean
-  sum_{i != j} w_i w_j <d_i, d_j> / sum_{i != j} w_i w_j |d_i| |d_j|, which needs scalars only
-  and equals the plain mean when the deltas have equal norms and weights.
+  Hierarchical layout, weights [C]: the global step over clusters. The clusters' parameters
+  theta_c (as the last cluster sync left them: call the cluster sync first) play the workers:
+  Delta = theta - mean_c theta_c, theta <- OuterOpt(theta, Delta), then every cluster and every
+  worker restarts from theta (cluster optimizer states are kept).
+
+  Plain layout: the parameters cross 'worker' once in one all-reduce. Two-stage layout
+  (DESIGN.md section 4): each device averages only its 1/|data| slice over 'worker' (cross-worker
+  bytes per device N / |data|), applies the outer optimizer to the slice it keeps, and all-gathers
+  the new theta over 'data'. Either way the diagnostics add a handful of scalars.
+  `exact_cosine=True` adds a second parameter-sized (or slice-sized) all-reduce for the exact mean
+  pairwise cosine of the workers' deltas d_k = theta - theta_k; by default `delta_cosine` is the
+  weighted mean sum_{i != j} w_i w_j <d_i, d_j> / sum_{i != j} w_i w_j |d_i| |d_j|, which needs
+  scalars only and equals the plain mean when the deltas have equal norms and weights.
 
   Diagnostics: `pseudo_grad_norm` |Delta|, `outer_update_norm` |theta_new - theta|,
   `delta_cosine`, `worker_delta_norm` (mean |d_k| over contributing workers),
   `contributing_workers`, `outer_skipped` (1.0 if the update was skipped).
   """
+  if layout.hierarchical:
+    return _make_global_sync(layout, outer_tx, exact_cosine, skip_nonfinite)
+  kw = _sync_kwargs(layout, outer_tx, exact_cosine, skip_nonfinite, layout.worker_axes)
 
   def per_device(theta, outer_state, workers, weights):  # workers, weights: [K_local, ...]
-    w = weights.astype(jnp.float32)
-    member = w > 0
-    bcast = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1))
-    w_sum = lax.psum(jnp.sum(w), WORKER)
-    mean = jax.tree.map(
-        lambda x: lax.psum(jnp.sum(jnp.where(bcast(member, x), bcast(w, x) * x, 0), 0), WORKER)
-        / w_sum, workers)
-    delta = jax.tree.map(jnp.subtract, theta, mean)  # pseudo-gradient: positive means "go down"
-    updates, new_state = outer_tx.update(delta, outer_state, theta)
-    delta_sq = _sum_sq(delta)
-    ok = w_sum > 0
-    if skip_nonfinite:
-      ok = ok & jnp.isfinite(delta_sq)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_theta = keep(optax.apply_updates(theta, updates), theta)
-    new_state = keep(new_state, outer_state)
-
-    deltas = jax.tree.map(lambda t, x: t[None] - x, theta, workers)
-    sq = sum(jnp.sum(jnp.square(d), axis=tuple(range(1, d.ndim)))
-             for d in jax.tree.leaves(deltas))  # [K_local] = |d_k|^2
-    sq = jnp.where(member, sq, 0.0)
-    norms = jnp.sqrt(sq)
-    w_sq, w_norm, count = lax.psum((jnp.sum(w * w * sq), jnp.sum(w * norms),
-                                    jnp.sum(member.astype(jnp.float32))), WORKER)
-    if exact_cosine:
-      unit = jax.tree.map(lambda d: jnp.where(bcast(member, d), d / bcast(
-          jnp.maximum(norms, 1e-30), d), 0), deltas)
-      u_sum = jax.tree.map(lambda u: lax.psum(jnp.sum(u, axis=0), WORKER), unit)
-      pairs = count * (count - 1)
-      cos = jnp.where(pairs > 0, (_sum_sq(u_sum) - count) / jnp.maximum(pairs, 1.0), 1.0)
-    else:
-      cross = w_sum * w_sum * delta_sq - w_sq        # sum_{i != j} w_i w_j <d_i, d_j>
-      cross_norm = w_norm * w_norm - w_sq            # sum_{i != j} w_i w_j |d_i| |d_j|
-      cos = jnp.where(cross_norm > 0, cross / jnp.where(cross_norm > 0, cross_norm, 1.0), 1.0)
-    diag = {"pseudo_grad_norm": jnp.sqrt(delta_sq),
-            "outer_update_norm": jnp.sqrt(jnp.where(ok, _sum_sq(updates), 0.0)),
-            "delta_cosine": cos,
-            "worker_delta_norm": lax.psum(jnp.sum(norms), WORKER) / jnp.maximum(count, 1.0),
-            "contributing_workers": count,
-            "outer_skipped": 1.0 - ok.astype(jnp.float32)}
-    local_k = w.shape[0]
-    new_workers = jax.tree.map(lambda t: jnp.broadcast_to(t, (local_k,) + t.shape), new_theta)
+    mine = _my_slice(layout, workers, theta) if layout.two_stage else workers
+    new_theta, new_state, diag = _outer_round(theta, outer_state, mine, weights, **kw)
+    whole = _whole(layout, new_theta, jax.tree.map(lambda x: x[0], workers))
+    local_k = weights.shape[0]
+    new_workers = jax.tree.map(lambda t: jnp.broadcast_to(t, (local_k,) + t.shape), whole)
     return new_theta, new_state, new_workers, diag
-
-  lifted = jax.shard_map(per_device, mesh=layout.mesh, in_specs=(P(), P(), P(WORKER), P(WORKER)),
-                         out_specs=(P(), P(), P(WORKER), P()))
 
   def outer_sync(state: TrainState, weights: jax.Array | None = None):
     if weights is None:
       weights = jnp.ones((layout.num_workers,), jnp.float32)
-    theta, outer_state, workers, diag = lifted(state.outer_params, state.outer_opt_state,
-                                               state.params, weights)
-    return state._replace(params=workers, outer_params=theta, outer_opt_state=outer_state), diag
+    outer_specs = lambda tree: jax.tree.map(lambda x: _outer_spec(layout, x), tree)
+    theta_specs, state_specs = outer_specs(state.outer_params), outer_specs(state.outer_opt_state)
+    workers = P(layout.worker_axes)
+    lifted = jax.shard_map(per_device, mesh=layout.mesh,
+                           in_specs=(theta_specs, state_specs, workers, workers),
+                           out_specs=(theta_specs, state_specs, workers, P()))
+    theta, outer_state, params, diag = lifted(state.outer_params, state.outer_opt_state,
+                                              state.params, weights)
+    return state._replace(params=params, outer_params=theta, outer_opt_state=outer_state), diag
 
   return jax.jit(outer_sync, donate_argnums=0)
+
+
+def _cluster_specs(layout, tree):
+  return jax.tree.map(lambda x: _cluster_spec(layout, x), tree)
+
+
+def make_cluster_sync(layout: Layout, cluster_tx: optax.GradientTransformation,
+                      exact_cosine: bool = False, skip_nonfinite: bool = False):
+  """Hierarchical local SGD: jitted `sync(state, weights [K] = ones) -> (state, diagnostics)`,
+  the in-cluster outer step of every cluster at once (state donated).
+
+  In cluster c: Delta_c = theta_c - mean_{k in c} theta_k (weighted as in `make_outer_sync`),
+  theta_c <- ClusterOpt(theta_c, Delta_c), the cluster's workers restart from theta_c. Only the
+  'worker' axis (inside a cluster) carries parameters; two-stage: a 1/|data| slice per device.
+  Diagnostics: the keys of `make_outer_sync` prefixed `cluster_`, averaged over clusters
+  (`cluster_contributing_workers` summed, `cluster_outer_skipped` the fraction skipped).
+  """
+  if not layout.hierarchical:
+    raise ValueError("make_cluster_sync needs a hierarchical layout (make_layout(..., "
+                     "num_clusters=C)).")
+  kw = _sync_kwargs(layout, cluster_tx, exact_cosine, skip_nonfinite, (WORKER,))
+
+  def per_device(theta_c, cluster_state, workers, weights):  # theta_c etc.: [1, ...] (my cluster)
+    theta, cstate = jax.tree.map(lambda x: x[0], (theta_c, cluster_state))
+    mine = _my_slice(layout, workers, theta) if layout.two_stage else workers
+    new_theta, new_state, diag = _outer_round(theta, cstate, mine, weights, **kw)
+    whole = _whole(layout, new_theta, jax.tree.map(lambda x: x[0], workers))
+    local_k = weights.shape[0]
+    new_workers = jax.tree.map(lambda t: jnp.broadcast_to(t, (local_k,) + t.shape), whole)
+    new_theta, new_state, diag = jax.tree.map(lambda x: x[None], (new_theta, new_state, diag))
+    return new_theta, new_state, new_workers, diag
+
+  def cluster_sync(state: TrainState, weights: jax.Array | None = None):
+    if weights is None:
+      weights = jnp.ones((layout.num_workers,), jnp.float32)
+    theta_specs = _cluster_specs(layout, state.cluster_params)
+    state_specs = _cluster_specs(layout, state.cluster_opt_state)
+    workers = P(layout.worker_axes)
+    lifted = jax.shard_map(per_device, mesh=layout.mesh,
+                           in_specs=(theta_specs, state_specs, workers, workers),
+                           out_specs=(theta_specs, state_specs, workers, P(CLUSTER)))
+    theta_c, cstate, params, diag = lifted(state.cluster_params, state.cluster_opt_state,
+                                           state.params, weights)
+    diag = {f"cluster_{k}": (jnp.sum(v) if k == "contributing_workers" else jnp.mean(v))
+            for k, v in diag.items()}
+    return state._replace(params=params, cluster_params=theta_c, cluster_opt_state=cstate), diag
+
+  return jax.jit(cluster_sync, donate_argnums=0)
+
+
+def _make_global_sync(layout, outer_tx, exact_cosine, skip_nonfinite):
+  """The global step of hierarchical local SGD (see `make_outer_sync`): a mean over 'cluster' of
+  the clusters' parameters; with two-stage each device reduces only its 1/|data| slice."""
+  kw = _sync_kwargs(layout, outer_tx, exact_cosine, skip_nonfinite, (CLUSTER,))
+
+  def per_device(theta, outer_state, theta_c, workers, weights):  # theta_c: [1, ...]; weights [1]
+    new_theta, new_state, diag = _outer_round(theta, outer_state, theta_c, weights, **kw)
+    new_c = jax.tree.map(lambda t: t[None], new_theta)
+    whole = _whole(layout, new_theta, jax.tree.map(lambda x: x[0], workers))
+    local_k = jax.tree.leaves(workers)[0].shape[0]
+    new_workers = jax.tree.map(lambda t: jnp.broadcast_to(t, (local_k,) + t.shape), whole)
+    return new_theta, new_state, new_c, new_workers, diag
+
+  def global_sync(state: TrainState, weights: jax.Array | None = None):
+    if weights is None:
+      weights = jnp.ones((layout.num_clusters,), jnp.float32)
+    outer_specs = lambda tree: jax.tree.map(lambda x: _outer_spec(layout, x), tree)
+    theta_specs, state_specs = outer_specs(state.outer_params), outer_specs(state.outer_opt_state)
+    c_specs = _cluster_specs(layout, state.cluster_params)
+    workers = P(layout.worker_axes)
+    lifted = jax.shard_map(
+        per_device, mesh=layout.mesh,
+        in_specs=(theta_specs, state_specs, c_specs, workers, P(CLUSTER)),
+        out_specs=(theta_specs, state_specs, c_specs, workers, P()))
+    theta, outer_state, theta_c, params, diag = lifted(
+        state.outer_params, state.outer_opt_state, state.cluster_params, state.params, weights)
+    return state._replace(params=params, outer_params=theta, outer_opt_state=outer_state,
+                          cluster_params=theta_c), diag
+
+  return jax.jit(global_sync, donate_argnums=0)
 
 
 def uniform_weights(layout: Layout) -> jax.Array:

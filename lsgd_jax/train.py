@@ -24,6 +24,8 @@ import numpy as np
 import optax
 
 from lsgd_jax import checkpoint, comm, data, faults, local_sgd, model, optim, tokenizers
+from lsgd_jax import distributed
+from lsgd_jax import clock as clock_lib
 from lsgd_jax import mesh as mesh_lib
 from lsgd_jax import metrics as metrics_lib
 from lsgd_jax.config import validate
@@ -44,6 +46,8 @@ class Setup:
   train_step: Callable  # jitted (state, batch) -> (state, metrics)
   outer_sync: Callable | None  # jitted state -> (state, diagnostics); None for DDP
   eval_step: Callable
+  cluster_tx: Any = None  # hierarchical local SGD: the in-cluster outer optimizer
+  cluster_sync: Callable | None = None  # hierarchical: jitted (state, weights) -> (state, diag)
 
   @property
   def is_local_sgd(self) -> bool:
@@ -53,7 +57,7 @@ class Setup:
     rng = jax.random.key(self.config.seed)
     return local_sgd.init_state(self.layout, self.config.algorithm,
                                 functools.partial(model.init_params, self.model_cfg), self.tx,
-                                self.outer_tx, rng)
+                                self.outer_tx, rng, cluster_tx=self.cluster_tx)
 
   def device_batch(self, step: int, host_batch: np.ndarray | None = None) -> jax.Array:
     """The batch of `step` on the mesh; `host_batch` if given (e.g. from a data.Prefetcher)."""
@@ -74,18 +78,23 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and builds mesh, data, model, optimizers and jitted steps."""
   validate(config)
   c = config
-  layout = mesh_lib.make_layout(c.local_sgd.num_workers, c.mesh.num_devices or None)
+  hierarchical = c.algorithm == "local_sgd" and c.local_sgd.num_clusters > 1
+  layout = mesh_lib.make_layout(c.local_sgd.num_workers, c.mesh.num_devices or None,
+                                num_clusters=c.local_sgd.num_clusters if hierarchical else None,
+                                two_stage=c.local_sgd.two_stage)
   per_worker = mesh_lib.check_batch(layout, c.train.global_batch)
   if c.train.eval_batches:
     mesh_lib.check_batch(layout, c.train.eval_batch)
-  dataset, tokenizer = data.build_dataset(
+  # Process 0 builds the corpus and vocabulary caches first; other processes then read them.
+  dataset, tokenizer = distributed.process_zero_first(functools.partial(
+      data.build_dataset,
       c.data.name, c.data.path, seq_len=c.data.seq_len, num_workers=layout.num_workers,
       batch_per_worker=per_worker, seed=c.seed, val_fraction=c.data.val_fraction,
       eval_batch_per_worker=max(c.train.eval_batch // layout.num_workers, 1),
       num_eval_batches=max(c.train.eval_batches, 1), data_dir=c.data.data_dir,
       tokenizer=c.data.tokenizer, vocab_size=c.data.vocab_size, text_field=c.data.text_field,
       domain_field=c.data.domain_field, non_iid=c.data.non_iid,
-      dirichlet_alpha=c.data.dirichlet_alpha)
+      dirichlet_alpha=c.data.dirichlet_alpha))
   mcfg = model.model_config(c.model.size, dataset.vocab_size, c.model.max_seq_len,
                             c.model.tie_embeddings, c.model.dtype)
   tx = optim.inner_optimizer(
@@ -96,7 +105,11 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   skip = c.train.on_nonfinite == "skip"
   if skip:  # a step with non-finite gradients leaves parameters and optimizer state unchanged
     tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
-  outer_tx = None
+  outer_tx = cluster_tx = None
+  if hierarchical:
+    cluster_tx = optim.outer_optimizer(c.local_sgd.cluster_outer_optimizer,
+                                       c.local_sgd.cluster_outer_lr,
+                                       c.local_sgd.cluster_outer_momentum)
   if c.algorithm == "local_sgd":
     outer_tx = optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
                                      c.local_sgd.outer_momentum,
@@ -109,7 +122,34 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       outer_sync=(local_sgd.make_outer_sync(layout, outer_tx, c.local_sgd.exact_cosine,
                                             skip_nonfinite=skip)
                   if outer_tx is not None else None),
-      eval_step=local_sgd.make_eval_step(layout, loss_fn))
+      eval_step=local_sgd.make_eval_step(layout, loss_fn), cluster_tx=cluster_tx,
+      cluster_sync=(local_sgd.make_cluster_sync(layout, cluster_tx, c.local_sgd.exact_cosine,
+                                                skip_nonfinite=skip) if hierarchical else None))
+
+
+def sim_clock(c: ml_collections.ConfigDict, layout: mesh_lib.Layout, synced_params: int,
+              flops_per_token: float) -> clock_lib.Clock | None:
+  """The simulated wall clock of this run (lsgd_jax/clock.py); None with clock.device = "".
+
+  Flat runs put every worker behind `clock.inter_link` (workers in different places);
+  hierarchical runs put the workers of a cluster on `clock.cluster_link` and the clusters behind
+  `clock.inter_link`. Each worker has |data| devices joined by the device's node link.
+  """
+  if not c.clock.device:
+    return None
+  k, hier = layout.num_workers, layout.num_clusters > 1
+  run = clock_lib.Run(
+      algorithm="hierarchical" if hier else c.algorithm, params=synced_params,
+      flops_per_token=flops_per_token,
+      tokens_per_step=c.train.global_batch * c.data.seq_len / (k * layout.data_axis_size),
+      devices_per_worker=layout.data_axis_size, workers=k,
+      clusters=layout.num_clusters if hier else k,
+      sync_every=c.local_sgd.cluster_sync_every if hier else c.local_sgd.sync_every,
+      global_sync_every=c.local_sgd.sync_every if hier else 0,
+      layout="two_stage" if layout.two_stage and c.algorithm == "local_sgd" else "flat")
+  net = clock_lib.Network.for_device(c.clock.device, c.clock.inter_link,
+                                     c.clock.cluster_link or None)
+  return clock_lib.Clock(run, c.clock.device, net, overlap=c.clock.overlap)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -229,6 +269,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if s.is_local_sgd:
     sync_fn = s.outer_sync.lower(state, weights).compile()
     sync_comm = comm.CommStats.of(comm.collectives(sync_fn, s.layout.mesh))
+  cluster_fn, cluster_comm, H1 = None, comm.CommStats(0, 0.0, {}), H
+  if s.cluster_sync is not None:  # hierarchical: every H1 steps inside clusters, every H globally
+    cluster_fn = s.cluster_sync.lower(state, weights).compile()
+    cluster_comm = comm.CommStats.of(comm.collectives(cluster_fn, s.layout.mesh))
+    H1 = c.local_sgd.cluster_sync_every
+    cluster_weights = mesh_lib.put_global(np.ones(s.layout.num_clusters, np.float32),
+                                          s.layout.sharding(jax.sharding.PartitionSpec("cluster")))
+    sync_fn = s.outer_sync.lower(state, cluster_weights).compile()
+    sync_comm = comm.CommStats.of(comm.collectives(sync_fn, s.layout.mesh))
+    print(f"{tag} hierarchical: {cluster_comm.wire_bytes:,.0f} bytes per device per cluster sync "
+          f"(every {H1} steps)", flush=True)
+  sim = sim_clock(c, s.layout, mesh_lib.global_size(abstract.params) // (
+      s.layout.num_workers if s.is_local_sgd else 1), flops_per_token)
+  if sim is not None:
+    sim.seconds = float(meta.get("sim_time", 0.0))
   print(f"{tag} compiled in {time.perf_counter() - t0:.1f}s; bytes per device: "
         f"{step_comm.wire_bytes:,.0f} per step, {sync_comm.wire_bytes:,.0f} per outer sync",
         flush=True)
@@ -281,12 +336,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       probe = {"train_loss": float(np.mean(mesh_lib.fetch(m["worker_loss"]))),
                "grad_norm": float(np.mean(mesh_lib.fetch(m["grad_norm"])))}
       if diag is not None:
-        probe["pseudo_grad_norm"] = float(diag["pseudo_grad_norm"])
+        probe["pseudo_grad_norm"] = float(diag.get("pseudo_grad_norm", 0.0))
       if _nonfinite(probe):
         return
     ckpt.save(step, state, {
         "step": step, "data": prefetch.state_dict(step), "comm_bytes": comm_bytes,
         "skipped_rounds": float(skipped_rounds), "tokenizer": tokenizers.describe(s.tokenizer),
+        "sim_time": sim.seconds if sim is not None else 0.0,
         "config": json.loads(c.to_json_best_effort())})
     last_good = step
 
@@ -301,18 +357,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           state = poison(state)  # fault injection: one worker's parameters become NaN
         state, m = step_fn(state, batch)
         comm_bytes += step_comm.wire_bytes
+        if sim is not None:
+          sim.step()
         diag = None
         last = step + 1 == total
-        if sync_fn is not None and ((step + 1) % H == 0 or last):
+        glob = sync_fn is not None and ((step + 1) % H == 0 or last)
+        if glob or (cluster_fn is not None and (step + 1) % H1 == 0):
           # A last, incomplete round still ends with a sync so the run yields one global model.
           w = weights
           if with_faults:
-            w = jax.device_put(faults.round_weights(step // H, s.layout.num_workers, seed=c.seed,
-                                                    fail_prob=c.faults.fail_prob,
-                                                    schedule=fail_schedule), s.layout.per_worker)
-          state, diag = sync_fn(state, w)
-          skipped_rounds = skipped_rounds + diag["outer_skipped"]
-          comm_bytes += sync_comm.wire_bytes
+            w = mesh_lib.put_global(  # the same on every process: no cross-host equality check
+                faults.round_weights(step // H1, s.layout.num_workers, seed=c.seed,
+                                     fail_prob=c.faults.fail_prob, schedule=fail_schedule),
+                s.layout.per_worker)
+          cluster_diag = {}
+          if cluster_fn is not None:  # the clusters' own outer step (also before a global one)
+            state, cluster_diag = cluster_fn(state, w)
+            comm_bytes += cluster_comm.wire_bytes
+            w = cluster_weights
+          if glob:
+            state, diag = sync_fn(state, w)
+            skipped_rounds = skipped_rounds + diag["outer_skipped"]
+            comm_bytes += sync_comm.wire_bytes
+          diag = {**(diag or {}), **cluster_diag}
+          if sim is not None:  # clock.py prices a global sync with its in-cluster stages
+            sim.sync("global" if glob else "cluster")
         if not last:
           batch = s.device_batch(step + 1, next(prefetch)[1])  # prepared while the device works
         if pending is not None:
@@ -322,6 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           pending = None
         extra = {"tokens": (step + 1) * tokens_per_step, "comm_bytes": comm_bytes,
                  "flops": (step + 1) * tokens_per_step * flops_per_token}
+        if sim is not None:
+          extra["sim_time"] = sim.seconds
         if s.is_local_sgd:
           extra["skipped_rounds"] = skipped_rounds
         want_eval = last or (c.train.eval_every and (step + 1) % c.train.eval_every == 0)
@@ -372,6 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "train_seconds": train_time, "resumed_from": start,
       "comm_bytes": comm_bytes, "comm_bytes_per_step": step_comm.wire_bytes,
       "comm_bytes_per_sync": sync_comm.wire_bytes, "export": export_dir,
+      "sim_time": sim.seconds if sim is not None else None,
   }
   if s.is_local_sgd:
     results["skipped_rounds"] = float(skipped_rounds)
