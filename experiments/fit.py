@@ -1,12 +1,16 @@
 """Fits scaling laws to a sweep's results and writes plots and a report.
 
     python -m experiments.fit --results=results.csv --out=DIR [--form=pure|offset] [--n_boot=1000]
+        [--grids=main,H]
 
 The CSV needs the columns algorithm, num_workers, sync_every, non_embedding_params, tokens, flops,
 eval_loss (one row per run, as in a run's results.json); extra columns (model_size, seed, lr,
 outer_optimizer, outer_lr, outer_momentum, ...) are allowed. Prints the fitted table and writes
 DIR/report.md with loss_vs_params.png, loss_vs_compute.png, local_sgd_minus_ddp.png and
-sync_every_ablation.png (each where the data allow it). Takes seconds on a CPU.
+sync_every_ablation.png (each where the data allow it). Takes seconds on a CPU. `--grids` keeps
+the rows of a sweep's results.csv (experiments/sweep.py) that belong to the named grids, e.g. the
+scaling grid and the H ablation but not the outer-optimizer ablation at one size, which the
+per-size tuning would otherwise treat as a hyper-parameter setting.
 """
 
 import sys
@@ -22,6 +26,8 @@ _FORM = flags.DEFINE_enum("form", "pure", ["pure", "offset"],
 _SYNC_EVERY = flags.DEFINE_integer("sync_every", None,
                                    "H of the local SGD runs to fit (default: the one covering "
                                    "the most sizes).")
+_GRIDS = flags.DEFINE_list("grids", None,
+                           "Keep only the rows of these sweep grids (column `grid`).")
 _N_BOOT = flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples per interval.")
 _LEVEL = flags.DEFINE_float("level", 0.95, "Interval level.")
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
@@ -33,6 +39,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     cols = report.read_results(_RESULTS.value)
+    if _GRIDS.value:
+      cols = report.select_grids(cols, _GRIDS.value)
     analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
                               n_boot=_N_BOOT.value, level=_LEVEL.value, seed=_SEED.value)
   except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback

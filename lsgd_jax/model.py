@@ -48,6 +48,12 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "cpu-tiny": (2, 64, 4, 192),
     "cpu-small": (4, 128, 4, 352),
     "cpu-base": (4, 256, 4, 704),
+    # The CPU scaling ladder of configs/scaling_cpu.py: with "cpu-small" five sizes from 24K to
+    # 804K non-embedding parameters (34x), each step about 2.4x.
+    "cpu-1": (2, 32, 2, 80),
+    "cpu-2": (2, 48, 4, 128),
+    "cpu-3": (3, 64, 4, 160),
+    "cpu-4": (3, 96, 4, 256),
     "5M": (6, 256, 4, 704),
     "12M": (7, 384, 6, 1024),
     "25M": (8, 512, 8, 1376),

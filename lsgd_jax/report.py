@@ -63,6 +63,20 @@ def read_results(path: str) -> dict[str, np.ndarray]:
   return cols
 
 
+def select_grids(cols: dict[str, np.ndarray], grids) -> dict[str, np.ndarray]:
+  """The rows of a sweep's results.csv (lsgd_jax.sweep) that belong to any of `grids`; its `grid`
+  column names each run's grids joined by "+" (e.g. "main+H")."""
+  grids = set(grids)
+  if "grid" not in cols:
+    raise ValueError("Selecting grids needs a `grid` column (a results.csv written by a sweep).")
+  keep = np.array([bool(set(str(g).split("+")) & grids) for g in cols["grid"]])
+  if not keep.any():
+    present = sorted({p for g in cols["grid"] for p in str(g).split("+")})
+    raise ValueError(f"No row belongs to the grids {', '.join(sorted(grids))}; present: "
+                     f"{', '.join(present)}.")
+  return {k: v[keep] for k, v in cols.items()}
+
+
 def _is_float(v: str) -> bool:
   try:
     float(v or "nan")

@@ -1,0 +1,50 @@
+"""Runs a grid of training runs for a scaling-law study and fits the laws:
+
+    python -m experiments.sweep --config=configs/scaling_cpu.py --workdir=DIR
+
+One workdir per run (DIR/size=...,alg=...,...), DIR/results.csv (one row per finished run),
+DIR/summary.md (a table per grid) and DIR/report/ (experiments/fit.py on the grids named in
+`sweep.reports`).
+Re-running the same command skips the finished runs and resumes the others. Any key can be
+overridden, e.g. `--config.sweep.seeds="(0, 1)"`. `--dry_run` prints the plan and its cost
+(`--hardware=8xH100 --mfu=0.4`) without training.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import distributed_flags
+from lsgd_jax import sweep
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config (configs/NAME.py[:ARG]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: one sub-folder per run.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their cost; train nothing.")
+_HARDWARE = flags.DEFINE_enum("hardware", None, list(sweep.HARDWARE),
+                              "With --dry_run: the hours on this hardware.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "With --hardware: the model FLOPs utilisation assumed.")
+_RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Re-run the runs that diverged before.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
+    logging.set_verbosity(logging.WARNING)
+  try:
+    if _DRY_RUN.value:
+      print(sweep.describe(_CONFIG.value, sweep.plan(_CONFIG.value), _HARDWARE.value, _MFU.value))
+      return
+    if not _WORKDIR.value:
+      raise app.UsageError("--workdir is required (except with --dry_run).")
+    distributed_flags.initialize()  # before anything touches devices
+    sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

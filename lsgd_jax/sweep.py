@@ -1,0 +1,536 @@
+"""Sweeps for scaling-law studies: a grid of training runs, one workdir each, resumable.
+
+A sweep config is an ordinary training config (`config.base_config()`) plus a `sweep` section of
+lists (`sweep_section()` documents every key): model sizes x algorithms x sync intervals H x worker
+counts K x outer optimizers x budgets x seeds x learning rates. Named sub-grids (`sweep.grids`)
+replace some of those lists to add ablations; a run that several grids ask for is trained once
+and belongs to all of them (the `grid` column of results.csv). Every run trains in
+`workdir/<name>` under a readable name such as
+
+    size=cpu-3,alg=local_sgd,H=10,K=8,outer=nesterov-0.7-0.9,lr=6e-3,steps=150,seed=0
+
+In a Colab cell, as in `experiments/sweep.py`:
+
+    runs = sweep.plan(config)              # what would run: no devices, no data
+    print(sweep.describe(config, runs))    # steps, tokens and FLOPs per run; cost on hardware
+    rows = sweep.run_sweep(config, "out")  # trains what is missing; out/results.csv, out/report/
+
+Resuming: a run whose workdir holds results.json is finished and skipped; one that diverged
+(failed.json) is skipped too unless `retry_failed`; any other is started in its workdir, which
+resumes from its latest checkpoint. results.csv is rewritten after every run, so it is complete
+for the finished runs whenever the sweep stops.
+
+Learning-rate fairness (arXiv 2409.13198 gives DDP and local SGD the same tuned settings): with
+`sweep.tune_lr_on = "ddp"` only the DDP runs try every learning rate; every other run of a size
+and budget uses the learning rate whose DDP runs reached the lowest mean eval loss (over seeds and
+worker counts), so it starts once those DDP runs are done. Runs go size by size, smallest first:
+a sweep stopped early still has whole sizes to fit.
+
+Runs train in this process, one after another (`train.train_and_evaluate`): JAX starts once,
+the code is imported once (an edit of the sources during a long sweep does not change it half-way)
+and a finished run's compiled programs are freed with its jitted functions. A subprocess per run
+would isolate memory better but pays the JAX start-up per run, a large share of a small CPU run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from lsgd_jax import config as config_lib, model
+
+GRID_KEYS = ("sizes", "algorithms", "sync_every", "num_workers", "outer", "budgets", "seeds",
+             "lrs")
+BUDGETS = ("steps", "tokens", "tokens_per_param", "flops")
+COLUMNS = ("grid", "model_size", "algorithm", "num_workers", "sync_every", "outer_optimizer",
+           "outer_lr", "outer_momentum", "lr", "seed", "steps", "global_batch", "seq_len",
+           "non_embedding_params", "tokens", "flops", "eval_loss", "final_train_loss",
+           "train_seconds", "tokens_per_sec", "comm_bytes", "status", "workdir")
+# Peak dense bf16 FLOP/s of whole machines, for cost estimates (vendor data sheets).
+HARDWARE = {"8xH100": 8 * 989e12, "8xA100": 8 * 312e12, "v5e-64": 64 * 197e12,
+            "v5p-128": 64 * 459e12, "v4-64": 32 * 275e12}
+
+
+def sweep_section() -> ml_collections.ConfigDict:
+  """The `sweep` section: every key, its default and its meaning. Add it to a training config."""
+  s = ml_collections.ConfigDict()
+  s.sizes = ["cpu-tiny"]           # model presets (lsgd_jax.model.PRESETS)
+  s.algorithms = ["ddp", "local_sgd"]
+  s.sync_every = [10]              # H values (local SGD only; DDP runs ignore this axis)
+  s.num_workers = [8]              # K values (DDP splits its global batch the same way)
+  s.outer = ["nesterov"]           # outer optimizers (local SGD only): "nesterov" / "sgd" (lr and
+                                   # momentum from local_sgd.outer_lr / outer_momentum), "average"
+                                   # (lr 1, momentum 0), or "NAME:LR[:MOMENTUM]"
+  s.budget = "steps"               # what `budgets` count: "steps", "tokens", "tokens_per_param"
+                                   # (D = r N, e.g. 20 for Chinchilla) or "flops" (steps =
+                                   # C / (FLOPs per token x tokens per step)); same for every method
+  s.budgets = []                   # budget values ([]: train.steps)
+  s.warmup_fraction = 0.0          # > 0: optim.warmup_steps = this fraction of each run's steps
+  s.seeds = [0]
+  s.lrs = []                       # peak learning rates tried at every size ([]: optim.lr)
+  s.lr_per_size = ml_collections.ConfigDict()  # size -> its own list of learning rates
+  s.per_size = ml_collections.ConfigDict()     # size -> nested overrides of the training config,
+                                               # e.g. {"train": {"global_batch": 256}}
+  s.tune_lr_on = "ddp"             # algorithm whose runs try every lr; the others use its best lr
+                                   # per size and budget ("": every algorithm tries every lr)
+  s.grids = ml_collections.ConfigDict()  # name -> replacements of the lists above (ablations)
+  s.reports = ml_collections.ConfigDict({"report": ["main"]})  # folder -> the grids whose runs
+                                   # its scaling report (experiments/fit.py) fits ({}: none)
+  s.n_boot = 1000                  # bootstrap resamples of the report's intervals
+  return s
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One point of the grid. `lr` None: tuned, known once the tuning runs of its size are done."""
+
+  size: str
+  algorithm: str
+  num_workers: int
+  sync_every: int                             # 1 for DDP
+  outer: tuple[str, float, float] | None      # (optimizer, lr, momentum); None for DDP
+  steps: int
+  seed: int
+  lr: float | None
+  grids: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+  def name(self, lr: float | None = None) -> str:
+    lr = self.lr if lr is None else lr
+    parts = [f"size={self.size}", f"alg={self.algorithm}"]
+    if self.outer is not None:
+      parts.append(f"H={self.sync_every}")
+    parts.append(f"K={self.num_workers}")
+    if self.outer is not None:
+      parts.append(f"outer={outer_name(self.outer)}")
+    parts += [f"lr={format_lr(lr) if lr is not None else 'tuned'}", f"steps={self.steps}",
+              f"seed={self.seed}"]
+    return ",".join(parts)
+
+
+def format_lr(v: float) -> str:
+  """3e-3, 1.5e-2: short and exact to 6 digits."""
+  mantissa, exponent = f"{v:.5e}".split("e")
+  return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def outer_name(outer: tuple[str, float, float]) -> str:
+  name, lr, momentum = outer
+  return "average" if name == "average" else f"{name}-{lr:g}-{momentum:g}"
+
+
+def parse_outer(spec: str, ls: ml_collections.ConfigDict) -> tuple[str, float, float]:
+  """"nesterov" / "sgd": the base config's lr and momentum; "average"; "NAME:LR[:MOMENTUM]"."""
+  parts = str(spec).split(":")
+  if parts[0] == "average":
+    return ("average", 1.0, 0.0)
+  if len(parts) == 1:
+    return (parts[0], float(ls.outer_lr), float(ls.outer_momentum))
+  try:
+    return (parts[0], float(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0)
+  except ValueError:
+    raise ValueError(f"Bad outer optimizer {spec!r}; use 'nesterov', 'average' or "
+                     "'NAME:LR[:MOMENTUM]'.") from None
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _merge(c: ml_collections.ConfigDict, overrides: Any, path: str = "") -> None:
+  """Nested overrides into `c`; every key must already exist (typos fail loudly)."""
+  for key, value in (overrides.items() if overrides is not None else ()):
+    if key not in c:
+      raise ValueError(f"sweep.per_size: no config key {path + key!r}.")
+    if isinstance(c[key], ml_collections.ConfigDict):
+      _merge(c[key], value, f"{path}{key}.")
+    else:
+      c[key] = value
+
+
+def training_config(config: ml_collections.ConfigDict,
+                    size: str | None = None) -> ml_collections.ConfigDict:
+  """The training part of a sweep config (no `sweep`), with a size's `per_size` overrides."""
+  c = ml_collections.ConfigDict({k: config[k] for k in config.keys() if k != "sweep"})
+  c = c.copy_and_resolve_references()
+  if size is not None:
+    c.model.size = size
+    if "sweep" in config and size in config.sweep.per_size:
+      _merge(c, config.sweep.per_size[size])
+  return c
+
+
+def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
+  """The vocabulary a config will train with, without building the tokenizer (for estimates)."""
+  return 257 if data_cfg.tokenizer == "byte" else int(data_cfg.vocab_size)
+
+
+def size_stats(c: ml_collections.ConfigDict) -> tuple[int, float]:
+  """(non-embedding parameters, training FLOPs per token) of a training config's model."""
+  mcfg = model.model_config(c.model.size, vocab_size(c.data), c.model.max_seq_len,
+                            c.model.tie_embeddings, c.model.dtype)
+  return model.non_embedding_params(mcfg), model.train_flops_per_token(mcfg, c.data.seq_len)
+
+
+def budget_steps(c: ml_collections.ConfigDict, kind: str, value: float | None) -> int:
+  """Training steps of a size's config under a budget; tokens per step = global batch x seq."""
+  if value is None:
+    return int(c.train.steps)
+  tokens_per_step = c.train.global_batch * c.data.seq_len
+  n, flops_per_token = size_stats(c)
+  tokens = {"steps": value * tokens_per_step, "tokens": value,
+            "tokens_per_param": value * n, "flops": value / flops_per_token}[kind]
+  return max(1, round(tokens / tokens_per_step))
+
+
+def run_config(config: ml_collections.ConfigDict, run: Run,
+               lr: float | None = None) -> ml_collections.ConfigDict:
+  """The training config of one run."""
+  lr = run.lr if lr is None else lr
+  if lr is None:
+    raise ValueError(f"{run.name()}: its learning rate is not tuned yet.")
+  c = training_config(config, run.size)
+  c.algorithm, c.seed = run.algorithm, run.seed
+  c.local_sgd.num_workers = run.num_workers
+  if run.outer is not None:
+    c.local_sgd.sync_every = run.sync_every
+    c.local_sgd.outer_optimizer, c.local_sgd.outer_lr, c.local_sgd.outer_momentum = run.outer
+  c.train.steps = run.steps
+  if config.sweep.warmup_fraction > 0:
+    c.optim.warmup_steps = min(round(config.sweep.warmup_fraction * run.steps), run.steps - 1)
+  c.optim.lr = float(lr)
+  return c
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def grid_specs(config: ml_collections.ConfigDict) -> dict[str, dict[str, list]]:
+  """"main" (the top-level lists) and every named grid (main with its replacements)."""
+  sw = config.sweep
+  main = {k: list(sw[k]) for k in GRID_KEYS}
+  specs = {"main": main}
+  for name, over in sw.grids.items():
+    unknown = sorted(set(over.keys()) - set(GRID_KEYS))
+    if unknown:
+      raise ValueError(f"sweep.grids.{name}: unknown keys {', '.join(unknown)}; allowed: "
+                       f"{', '.join(GRID_KEYS)}.")
+    specs[name] = {**main, **{k: list(v) for k, v in over.items()}}
+  return specs
+
+
+def plan(config: ml_collections.ConfigDict) -> list[Run]:
+  """Every run of the sweep, deduplicated, in the order they train (size by size, smallest
+  first; at each size the learning-rate tuning runs first). Checks the whole grid up front."""
+  if "sweep" not in config:
+    raise ValueError("The config has no `sweep` section (see lsgd_jax.sweep.sweep_section()).")
+  sw = config.sweep
+  if sw.budget not in BUDGETS:
+    raise ValueError(f"Unknown sweep.budget {sw.budget!r}; allowed: {', '.join(BUDGETS)}.")
+  if config.train.eval_batches < 1:
+    raise ValueError("A sweep fits the final eval loss: train.eval_batches must be at least 1.")
+  tune_on = sw.tune_lr_on
+  runs: dict[Run, list[str]] = {}
+  for grid, spec in grid_specs(config).items():
+    for key in ("sizes", "algorithms", "num_workers", "seeds"):
+      if not spec[key]:
+        raise ValueError(f"sweep grid {grid!r}: `{key}` is empty.")
+    for size in spec["sizes"]:
+      base = training_config(config, size)
+      lrs = [float(v) for v in (sw.lr_per_size[size] if size in sw.lr_per_size
+                                else spec["lrs"] or [base.optim.lr])]
+      budgets = spec["budgets"] or [None]
+      for alg, k, budget, seed in itertools.product(spec["algorithms"], spec["num_workers"],
+                                                    budgets, spec["seeds"]):
+        if alg == "local_sgd":
+          variants = [(int(h), parse_outer(o, base.local_sgd))
+                      for h, o in itertools.product(spec["sync_every"], spec["outer"])]
+        else:
+          variants = [(1, None)]
+        tuned_here = len(lrs) == 1 or not tune_on or alg == tune_on
+        for (h, outer), lr in itertools.product(variants, lrs if tuned_here else [None]):
+          run = Run(size, alg, int(k), h, outer, budget_steps(base, sw.budget, budget),
+                    int(seed), lr)
+          runs.setdefault(run, [])
+          if grid not in runs[run]:
+            runs[run].append(grid)
+  out = [dataclasses.replace(r, grids=tuple(g)) for r, g in runs.items()]
+  for r in out:  # every run's config must validate; every tuned run needs its tuning runs
+    c = run_config(config, r, r.lr if r.lr is not None else 1e-3)
+    config_lib.validate(c)
+    if r.lr is None and not any(t.lr is not None and t.algorithm == tune_on and t.size == r.size
+                                and t.steps == r.steps for t in out):
+      raise ValueError(f"{r.name()}: its learning rate is tuned on {tune_on!r} runs of size "
+                       f"{r.size} with {r.steps} steps, but the sweep has none; add "
+                       f"{tune_on!r} to that grid's algorithms or give it a single lr.")
+  sizes = {r.size: size_stats(training_config(config, r.size))[0] for r in out}
+  return sorted(out, key=lambda r: (sizes[r.size], r.size, r.steps, r.lr is None))
+
+
+def tuned_lr(rows: Sequence[dict], size: str, steps: int, algorithm: str = "ddp") -> float | None:
+  """The lr of lowest mean eval loss among finished `algorithm` runs of a size and budget
+  (rows of results.csv); None if none finished with a finite loss."""
+  by_lr: dict[float, list[float]] = {}
+  for r in rows:
+    if (r["algorithm"] == algorithm and r["model_size"] == size and int(r["steps"]) == steps
+        and r["status"] == "done" and math.isfinite(float(r["eval_loss"]))):
+      by_lr.setdefault(float(r["lr"]), []).append(float(r["eval_loss"]))
+  if not by_lr:
+    return None
+  return min(by_lr, key=lambda lr: (np.mean(by_lr[lr]), lr))
+
+
+# ----------------------------------------------------------------------------- rows and CSV
+
+
+def _row(config: ml_collections.ConfigDict, run: Run, lr: float, rundir: str, status: str,
+         results: dict | None) -> dict[str, Any]:
+  c = run_config(config, run, lr)
+  n, flops_per_token = size_stats(c)
+  tokens = run.steps * c.train.global_batch * c.data.seq_len
+  row = {"grid": "+".join(run.grids), "model_size": run.size, "algorithm": run.algorithm,
+         "num_workers": run.num_workers, "sync_every": run.sync_every,
+         "outer_optimizer": run.outer[0] if run.outer else "",
+         "outer_lr": run.outer[1] if run.outer else "",
+         "outer_momentum": run.outer[2] if run.outer else "",
+         "lr": lr, "seed": run.seed, "steps": run.steps, "global_batch": c.train.global_batch,
+         "seq_len": c.data.seq_len, "non_embedding_params": n, "tokens": tokens,
+         "flops": tokens * flops_per_token, "eval_loss": math.nan, "final_train_loss": math.nan,
+         "train_seconds": math.nan, "tokens_per_sec": math.nan, "comm_bytes": math.nan,
+         "status": status, "workdir": os.path.basename(rundir)}
+  for key in ("non_embedding_params", "tokens", "flops", "eval_loss", "final_train_loss",
+              "train_seconds", "tokens_per_sec", "comm_bytes"):
+    if results and results.get(key) is not None:
+      row[key] = results[key]
+  return row
+
+
+def write_csv(rows: Sequence[dict], path: str) -> None:
+  """results.csv, written atomically (a reader never sees half a file)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: (f"{v:.6g}" if isinstance(v, float) and k != "lr" else v)
+                  for k, v in r.items()})
+  os.replace(tmp, path)
+
+
+def read_csv(path: str) -> list[dict]:
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Eta:
+  """Wall seconds of a run ~ a + b x FLOPs (a: start-up, compile, saving), fitted to the runs
+  trained so far; until two sizes have run, half of their time counts as start-up."""
+
+  def __init__(self):
+    self.obs: list[tuple[float, float]] = []
+
+  def observe(self, flops: float, seconds: float) -> None:
+    self.obs.append((flops, seconds))
+
+  def predict(self, flops: Sequence[float]) -> float:
+    if not self.obs:
+      return math.nan
+    x, y = np.array(self.obs).T
+    a, b = 0.5 * y.mean(), 0.5 * y.sum() / max(x.sum(), 1.0)
+    if np.unique(x).size >= 2:
+      b_fit, a_fit = np.polyfit(x, y, 1)
+      if a_fit >= 0 and b_fit >= 0:
+        a, b = a_fit, b_fit
+    return float(a * len(flops) + b * np.sum(flops))
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool = False,
+              train_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[dict]:
+  """Trains every unfinished run of the sweep into `workdir/<run name>`; returns the rows of
+  `workdir/results.csv`, writes a table per grid to workdir/summary.md and a scaling report per
+  entry of `sweep.reports` (by default workdir/report/ for the grid `main`).
+
+  `train_fn(config, workdir) -> results` defaults to `train.train_and_evaluate`. A run that
+  raises FloatingPointError (diverged) gets failed.json and a row with a NaN loss; any other
+  exception stops the sweep (re-run to resume). In a multi-process run every process runs the
+  same loop (each run is one global program); the workdir must be a file system they all see,
+  as for checkpoints, and process 0 writes the files.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from lsgd_jax import mesh as mesh_lib, train  # pylint: disable=import-outside-toplevel
+
+  train_fn = train_fn or train.train_and_evaluate
+  runs = plan(config)
+  for r in runs:  # every run fits the devices (fails now, not an hour in)
+    c = run_config(config, r, r.lr or 1e-3)
+    try:
+      mesh_lib.check_batch(mesh_lib.make_layout(r.num_workers, c.mesh.num_devices or None),
+                           c.train.global_batch)
+    except ValueError as e:
+      raise ValueError(f"{r.name()}: {e}") from None
+  lead = jax.process_index() == 0  # every process trains every run; process 0 writes the files
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sweep_config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  csv_path = os.path.join(workdir, "results.csv")
+  flops = [_row(config, r, r.lr or 1e-3, "", "", None)["flops"] for r in runs]
+  log(f"[sweep] {len(runs)} runs in {workdir}: {len({r.size for r in runs})} sizes, "
+      f"{sum(r.lr is None for r in runs)} with a learning rate tuned on "
+      f"{config.sweep.tune_lr_on or '-'}")
+  rows: list[dict] = []
+  eta, t0 = _Eta(), time.perf_counter()
+  counts = {"trained": 0, "skipped": 0, "failed": 0}
+  for i, run in enumerate(runs):
+    lr = run.lr
+    if lr is None:
+      lr = tuned_lr(rows, run.size, run.steps, config.sweep.tune_lr_on)
+    if lr is None:  # every tuning run diverged
+      log(f"[sweep {i + 1}/{len(runs)}] {run.name()}: no finite {config.sweep.tune_lr_on} loss "
+          "to tune its learning rate on; not run")
+      counts["failed"] += 1
+      continue
+    name = run.name(lr)
+    rundir = os.path.join(workdir, name)
+    results_path, failed_path = (os.path.join(rundir, f) for f in ("results.json", "failed.json"))
+    t_run = time.perf_counter()
+    if os.path.exists(results_path):
+      with open(results_path) as f:
+        row = _row(config, run, lr, rundir, "done", json.load(f))
+      counts["skipped"] += 1
+      what = "finished before"
+    elif os.path.exists(failed_path) and not retry_failed:
+      row = _row(config, run, lr, rundir, "failed", None)
+      counts["skipped"] += 1
+      what = "failed before"
+    else:
+      log(f"[sweep {i + 1}/{len(runs)}] training {name}")
+      try:
+        results = train_fn(run_config(config, run, lr), rundir)
+        row = _row(config, run, lr, rundir, "done", results)
+        what = "trained"
+        if lead and os.path.exists(failed_path):
+          os.remove(failed_path)
+      except FloatingPointError as e:  # diverged: a result of the grid, not a bug
+        if lead:
+          os.makedirs(rundir, exist_ok=True)
+          with open(failed_path, "w") as f:
+            json.dump({"error": str(e)}, f)
+        row = _row(config, run, lr, rundir, "failed", None)
+        counts["failed"] += 1
+        what = f"diverged ({e})"
+      finally:
+        gc.collect()  # the finished run's arrays; its compiled programs go with its jit objects
+      counts["trained"] += 1
+      eta.observe(flops[i], time.perf_counter() - t_run)
+    rows.append(row)
+    if lead:
+      write_csv(rows, csv_path)
+    left = eta.predict(flops[i + 1:])
+    log(f"[sweep {i + 1}/{len(runs)}] {name}: {what}, eval loss {float(row['eval_loss']):.4f} | "
+        f"{counts['trained']} trained, {counts['skipped']} skipped, {counts['failed']} failed | "
+        f"elapsed {_fmt_time(time.perf_counter() - t0)}, ETA {_fmt_time(left)}")
+  summary = summary_markdown(rows)
+  log(summary)
+  if lead:
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(summary)
+  for folder, grids in (config.sweep.reports.items() if lead else ()):
+    write_report(csv_path, os.path.join(workdir, folder), list(grids), n_boot=config.sweep.n_boot,
+                 log=log)
+  log(f"[sweep] done in {_fmt_time(time.perf_counter() - t0)}: {counts['trained']} trained, "
+      f"{counts['skipped']} skipped, {counts['failed']} failed; {csv_path}")
+  return rows
+
+
+def write_report(csv_path: str, out_dir: str, grids: Sequence[str], n_boot: int = 1000,
+                 log: Callable[[str], None] = print) -> list[str]:
+  """experiments/fit.py on the rows of `grids`: report.md and plots in out_dir (or a note)."""
+  from lsgd_jax import report  # pylint: disable=import-outside-toplevel
+  try:
+    cols = report.select_grids(report.read_results(csv_path), grids)
+    analysis = report.analyze(cols, n_boot=n_boot)
+  except ValueError as e:
+    log(f"[sweep] no scaling report: {e}")
+    return []
+  log(analysis.table())
+  paths = report.write_report(analysis, out_dir, source=f"{os.path.basename(csv_path)} "
+                                                        f"(grids {', '.join(grids)})")
+  log(f"[sweep] report: {', '.join(paths)}")
+  return paths
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def summary_markdown(rows: Sequence[dict]) -> str:
+  """A table per grid: each run's eval loss and its difference from the best DDP run of the same
+  size and budget (the tuned baseline)."""
+  best_ddp: dict[tuple, float] = {}
+  for r in rows:
+    if r["algorithm"] == "ddp" and r["status"] == "done":
+      key = (r["model_size"], int(r["steps"]))
+      best_ddp[key] = min(best_ddp.get(key, math.inf), float(r["eval_loss"]))
+  grids = list(dict.fromkeys(g for r in rows for g in str(r["grid"]).split("+")))
+  out = ["# Sweep summary", ""]
+  for grid in grids:
+    sel = [r for r in rows if grid in str(r["grid"]).split("+")]
+    out += [f"## Grid `{grid}`", "", "| size | N | algorithm | K | H | outer | lr | seed | steps "
+            "| eval loss | vs best DDP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sel:
+      loss = float(r["eval_loss"])
+      ref = best_ddp.get((r["model_size"], int(r["steps"])))
+      diff = f"{loss - ref:+.4f}" if ref is not None and math.isfinite(loss) else "-"
+      outer = (outer_name((r["outer_optimizer"], float(r["outer_lr"]),
+                           float(r["outer_momentum"]))) if r["outer_optimizer"] else "-")
+      out.append(f"| {r['model_size']} | {int(float(r['non_embedding_params'])):,} | "
+                 f"{r['algorithm']} | {r['num_workers']} | "
+                 f"{r['sync_every'] if r['algorithm'] != 'ddp' else '-'} | {outer} | "
+                 f"{format_lr(float(r['lr']))} | {r['seed']} | {r['steps']} | "
+                 f"{loss:.4f} | {diff} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def describe(config: ml_collections.ConfigDict, runs: Sequence[Run],
+             hardware: str | None = None, mfu: float = 0.4) -> str:
+  """The plan as a table (steps, tokens, FLOPs per run) and its total cost; with `hardware`
+  (a key of HARDWARE) the hours at `mfu` of its peak."""
+  lines = ["| run | grids | steps | tokens | FLOPs |", "|---|---|---|---|---|"]
+  total = 0.0
+  for r in runs:
+    row = _row(config, r, r.lr or 1e-3, "", "", None)
+    total += row["flops"]
+    lines.append(f"| {r.name()} | {'+'.join(r.grids)} | {r.steps:,} | {row['tokens']:.3g} | "
+                 f"{row['flops']:.3g} |")
+  lines.append(f"\n{len(runs)} runs, {total:.3g} training FLOPs in all.")
+  if hardware:
+    if hardware not in HARDWARE:
+      raise ValueError(f"Unknown hardware {hardware!r}; known: {', '.join(HARDWARE)}.")
+    hours = total / (HARDWARE[hardware] * mfu) / 3600
+    lines.append(f"On {hardware} ({HARDWARE[hardware]:.3g} FLOP/s peak) at {mfu:.0%} MFU: "
+                 f"{hours:,.3g} hours.")
+  return "\n".join(lines)
