@@ -1,0 +1,255 @@
+"""Tokens/s and model FLOPs utilisation (MFU) of DDP and local SGD on the accelerators at hand.
+
+  python -m benchmarks.gpu_mfu                       # 100M and 400M, bfloat16, on all GPUs
+  python -m benchmarks.gpu_mfu --sizes=cpu-tiny --dtype=float32 --seq_len=64 --batch=16 \
+      --steps=3 --reps=1                             # CPU smoke run (seconds)
+
+For each model size, three variants on the same global batch (`--batch` sequences of `--seq_len`
+tokens, random tokens already on the devices, so the input pipeline is not measured):
+- `ddp`: one replica, gradients averaged over all devices every step;
+- `local_sgd_inner`: K replicas (`--workers`), the inner step alone (no cross-worker traffic);
+- `local_sgd_amortised`: H inner steps plus one outer sync, per step (H = `--sync_every`).
+Time per step is the median of `--reps` timings of `--steps` steps (after compiling and one
+warm-up pass). MFU = tokens/s x training FLOPs per token (lsgd_jax.model.train_flops_per_token:
+6N + attention + output head) / (devices x the device's peak dense bf16 FLOP/s, PEAK_FLOPS below;
+`--peak_tflops` overrides). Prints a table and writes JSON (`--out`). Installs nothing, needs no
+network.
+
+K replicas of a model hold K copies of parameters, gradients and AdamW moments (16 bytes per
+parameter each): where K / devices replicas and the activations (`activation_bytes`) would not fit
+in 85% of a device's memory, K is halved until they do (and again on an out-of-memory error), and
+the table says so. Targets (issue 7): MFU >= 45% at 400M on an H100;
+local SGD inner step within 5% of the DDP step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from lsgd_jax import local_sgd, mesh, model, optim
+
+_SIZES = flags.DEFINE_list("sizes", ["100M", "400M"], "Model presets (lsgd_jax.model.PRESETS).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_SEQ = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Global batch in sequences (the same for all "
+                             "variants): 16 x 2048 = 32k tokens per step.")
+_VOCAB = flags.DEFINE_integer("vocab", 32_000, "Vocabulary size (C4's SentencePiece: 32k).")
+_WORKERS = flags.DEFINE_integer("workers", 8, "Local SGD workers K (the study's 8); halved while "
+                                "the replicas would not fit in memory.")
+_H = flags.DEFINE_integer("sync_every", 50, "H for the amortised local SGD variant.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timing.")
+_REPS = flags.DEFINE_integer("reps", 3, "Timings per variant (the median is reported).")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device (0: from the table).")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/gpu_mfu.json", "JSON output.")
+
+# Peak dense bf16 tensor FLOP/s per device, by a substring of `device.device_kind` (first match).
+# Vendor datasheets: NVIDIA H100 SXM 989 TF (PCIe 756, NVL 835), H200 989, A100 312, L4 121,
+# V100 125 (fp16); Google Cloud TPU v4 275, v5e 197, v5p 459, v6e 918.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12), ("V100", 125e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  for key, value in PEAK_FLOPS:
+    if key.lower() in device_kind.lower():
+      return value
+  return None
+
+
+def _device_memory(device) -> int | None:
+  try:
+    return (device.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # pylint: disable=broad-except  (CPU and some runtimes have no stats)
+    return None
+
+
+def activation_bytes(cfg, tokens: int) -> float:
+  """Rough bytes of the activations kept for the backward pass of `tokens` tokens: per layer and
+  token about 8 d_model + 3 d_ff values in the compute dtype (attention by a fused kernel, whose
+  T x T scores are not stored), plus float32 logits and their gradient."""
+  width = 2 if cfg.dtype == "bfloat16" else 4
+  per_token = cfg.num_layers * (8 * cfg.d_model + 3 * cfg.d_ff) * width + 8 * cfg.vocab_size
+  return float(tokens) * per_token
+
+
+def fit_workers(workers: int, total_params: int, num_devices: int, memory: int | None,
+                activations: float = 0.0) -> int:
+  """K halved until K / devices replicas (params, grads, two AdamW moments: 16 B / parameter), the
+  outer parameters and momentum (8 B / parameter) and a device's share of `activations` take at
+  most 85% of a device's memory (`memory` None: K as asked)."""
+  if memory is None:
+    return workers
+  k = workers
+  while k > 1:
+    per_device = (max(k // num_devices, 1) * 16 * total_params + 8 * total_params
+                  + activations / num_devices)
+    if per_device <= 0.85 * memory:
+      break
+    k //= 2
+  return k
+
+
+def _out_of_memory(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def _timed(fn, steps: int, reps: int) -> tuple[float, list[float]]:
+  fn(steps)  # compile and warm up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn(steps)
+    times.append((time.perf_counter() - t0) / steps)
+  return statistics.median(times), times
+
+
+def bench_size(size: str, *, dtype: str, seq_len: int, batch: int, vocab: int, workers: int,
+               sync_every: int, steps: int, reps: int, peak: float | None) -> dict:
+  """The three variants of one model size; returns a JSON-able dict."""
+  devices = jax.devices()
+  n = len(devices)
+  cfg = model.model_config(size, vocab_size=vocab, max_seq_len=seq_len, dtype=dtype)
+  loss = functools.partial(model.loss_fn, cfg)
+  init = functools.partial(model.init_params, cfg)
+  tx = optim.inner_optimizer("adamw", learning_rate=3e-4, total_steps=10**6, warmup_steps=10)
+  outer = optim.outer_optimizer("nesterov")
+  flops_per_token = model.train_flops_per_token(cfg, seq_len)
+  tokens_per_step = batch * seq_len
+  k = fit_workers(workers, model.total_params(cfg), n, _device_memory(devices[0]),
+                  activation_bytes(cfg, tokens_per_step))
+  rng = np.random.default_rng(0)
+
+  def make(algorithm, num_workers):
+    layout = mesh.make_layout(num_workers)
+    mesh.check_batch(layout, batch)
+    tokens = rng.integers(0, vocab, (num_workers, batch // num_workers, seq_len + 1), np.int32)
+    data = mesh.put_global(tokens, layout.batch)
+    holder = {"s": local_sgd.init_state(layout, algorithm, init, tx,
+                                        outer if algorithm == "local_sgd" else None,
+                                        jax.random.key(0))}
+    step = local_sgd.make_train_step(layout, algorithm, loss, tx)
+    sync = local_sgd.make_outer_sync(layout, outer) if algorithm == "local_sgd" else None
+
+    def run(num_steps, h=None):
+      s = holder["s"]
+      for i in range(num_steps):
+        s, _ = step(s, data)
+        if h and (i + 1) % h == 0:
+          s, _ = sync(s)
+      jax.block_until_ready(s)
+      holder["s"] = s
+
+    return run, holder
+
+  def row(variant, seconds, times, num_workers):
+    tps = tokens_per_step / seconds
+    return {"variant": variant, "workers": num_workers, "step_seconds": seconds,
+            "step_seconds_all": times, "tokens_per_sec": tps,
+            "mfu": tps * flops_per_token / (n * peak) if peak else None}
+
+  rows = []
+  try:
+    run_ddp, holder = make("ddp", n)
+    sec, times = _timed(run_ddp, steps, reps)
+  except jax.errors.JaxRuntimeError as e:
+    if not _out_of_memory(e):
+      raise
+    return {"size": size, "error": f"DDP out of memory at global batch {batch}: lower --batch"}
+  rows.append(row("ddp", sec, times, n))
+  del holder, run_ddp  # free the DDP state before K replicas are created
+  while True:  # the estimate is rough: on out-of-memory halve K and try again
+    try:
+      run_lsgd, holder = make("local_sgd", k)
+      sec, times = _timed(run_lsgd, steps, reps)
+      # H inner steps and one sync, per step (at least one whole round per timing).
+      h_steps = max(sync_every, steps // sync_every * sync_every)
+      sec_h, times_h = _timed(lambda m: run_lsgd(m, sync_every), h_steps, reps)
+      break
+    except jax.errors.JaxRuntimeError as e:
+      if not _out_of_memory(e) or k == 1:
+        raise
+      run_lsgd = holder = None
+      k //= 2
+      print(f"{size}: out of memory with K = {2 * k}; trying K = {k}", flush=True)
+  rows.append(row("local_sgd_inner", sec, times, k))
+  rows.append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
+  return {"size": size, "non_embedding_params": model.non_embedding_params(cfg),
+          "total_params": model.total_params(cfg), "train_flops_per_token": flops_per_token,
+          "workers_requested": workers, "workers": k,
+          "inner_over_ddp": rows[1]["step_seconds"] / rows[0]["step_seconds"],
+          "amortised_over_ddp": rows[2]["step_seconds"] / rows[0]["step_seconds"], "rows": rows}
+
+
+def run(sizes, *, dtype="bfloat16", seq_len=2048, batch=16, vocab=32_000, workers=8,
+        sync_every=50, steps=10, reps=3, peak_tflops=0.0) -> dict:
+  """Benchmarks every size; returns the JSON-able report (also what `main` writes)."""
+  dev = jax.devices()[0]
+  peak = peak_tflops * 1e12 if peak_tflops else peak_flops(dev.device_kind)
+  report = {"device_kind": dev.device_kind, "platform": dev.platform,
+            "num_devices": jax.device_count(), "peak_flops_per_device": peak,
+            "jax": jax.__version__, "host": platform.node(), "dtype": dtype, "seq_len": seq_len,
+            "global_batch": batch, "vocab": vocab, "steps": steps, "reps": reps,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "sizes": []}
+  for size in sizes:
+    report["sizes"].append(bench_size(size, dtype=dtype, seq_len=seq_len, batch=batch,
+                                      vocab=vocab, workers=workers, sync_every=sync_every,
+                                      steps=steps, reps=reps, peak=peak))
+  return report
+
+
+def table(report: dict) -> str:
+  lines = [f"{report['num_devices']} x {report['device_kind']} ({report['platform']}), "
+           f"{report['dtype']}, seq {report['seq_len']}, global batch {report['global_batch']}, "
+           f"median of {report['reps']} x {report['steps']} steps",
+           "", "| size | variant | K | step (ms) | tokens/s | MFU | vs DDP |",
+           "|---|---|---|---|---|---|---|"]
+  for s in report["sizes"]:
+    if "error" in s:
+      lines.append(f"| {s['size']} | {s['error']} | | | | | |")
+      continue
+    ddp = s["rows"][0]["step_seconds"]
+    for r in s["rows"]:
+      mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+      lines.append(f"| {s['size']} | {r['variant']} | {r['workers']} | "
+                   f"{1e3 * r['step_seconds']:.1f} | {r['tokens_per_sec']:,.0f} | {mfu} | "
+                   f"{r['step_seconds'] / ddp:.3f} |")
+    if s["workers"] != s["workers_requested"]:
+      lines.append(f"(K = {s['workers_requested']} replicas of {s['size']} do not fit; "
+                   f"K = {s['workers']} measured)")
+  lines.append("")
+  for s in (s for s in report["sizes"] if "error" not in s):
+    best = max((r["mfu"] for r in s["rows"] if r["mfu"] is not None), default=None)
+    mfu_txt = f"best MFU {100 * best:.1f}%" if best is not None else "MFU n/a (no peak known)"
+    lines.append(f"{s['size']}: {mfu_txt}; local SGD inner step / DDP step = "
+                 f"{s['inner_over_ddp']:.3f} (target <= 1.05)"
+                 + ("; target MFU >= 45%" if s["size"] == "400M" else ""))
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  report = run(_SIZES.value, dtype=_DTYPE.value, seq_len=_SEQ.value, batch=_BATCH.value,
+               vocab=_VOCAB.value, workers=_WORKERS.value, sync_every=_H.value,
+               steps=_STEPS.value, reps=_REPS.value, peak_tflops=_PEAK.value)
+  print(table(report))
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=2)
+  print(f"\nwrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,56 @@
+"""benchmarks/gpu_mfu.py: the peak table, the memory fit, and a CPU smoke run of the binary."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import gpu_mfu  # noqa: E402
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v5 lite", 197e12), ("TPU v4", 275e12),
+    ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, peak):
+  assert gpu_mfu.peak_flops(kind) == peak
+
+
+def test_fit_workers_halves_until_replicas_fit():
+  gib = 2**30  # 80 GiB x 0.85 = 73 GB usable
+  assert gpu_mfu.fit_workers(8, 10**8, 1, None) == 8  # unknown memory: as asked
+  assert gpu_mfu.fit_workers(8, 10**8, 1, 80 * gib) == 8  # 8 x 1.6 GB + 0.8 GB
+  assert gpu_mfu.fit_workers(8, 10**9, 1, 80 * gib) == 4  # 8 x 16 GB: no; 4 x 16 + 8 GB: yes
+  assert gpu_mfu.fit_workers(8, 10**9, 8, 80 * gib) == 8  # one replica per device
+  assert gpu_mfu.fit_workers(8, 10**8, 1, 80 * gib, activations=70e9) == 1
+
+
+def test_activation_estimate_of_400m():
+  from lsgd_jax import model
+  cfg = model.model_config("400M", 32_000, 2048, dtype="bfloat16")
+  gb = gpu_mfu.activation_bytes(cfg, 16 * 2048) / 1e9
+  assert 25 < gb < 45  # about 1 MB per token
+
+
+def test_cpu_smoke_run_writes_json_and_table(tmp_path):
+  out = tmp_path / "mfu.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  cmd = [sys.executable, "-m", "benchmarks.gpu_mfu", "--sizes=cpu-tiny", "--dtype=float32",
+         "--seq_len=32", "--batch=16", "--vocab=256", "--workers=4", "--sync_every=2",
+         "--steps=2", "--reps=1", "--peak_tflops=1", f"--out={out}"]
+  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["num_devices"] == 2 and report["peak_flops_per_device"] == 1e12
+  (size,) = report["sizes"]
+  assert [r["variant"] for r in size["rows"]] == ["ddp", "local_sgd_inner",
+                                                  "local_sgd_amortised_H2"]
+  assert [r["workers"] for r in size["rows"]] == [2, 4, 4]
+  for r in size["rows"]:
+    assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
+  assert "| cpu-tiny | local_sgd_inner | 4 |" in res.stdout
