@@ -5,15 +5,17 @@ into a tfds dataset and a 4096-token SentencePiece vocabulary is trained on them
 under `data.data_dir` (default `~/tensorflow_datasets/text_corpus/shakespeare/1.0.0/`); nothing
 is downloaded. The model is the "cpu-small" preset (4 layers, width 128).
 
-Command (300 steps of 32 x 128 tokens; about 5 min of CPU time on a 2-core CPU: 7.5 min wall
-measured on a shared, heavily loaded one; the first run adds ~5 s for the corpus and the
-vocabulary). Eval loss falls from 8.33 (log 4096) to 5.18 (measured, seed 0):
+Command (300 steps of 32 x 128 tokens; 3m00s of training on a 2-core CPU, measured 2026-11-26,
+plus ~10 s of start-up; the first run adds ~5 s for the corpus and the vocabulary). Eval loss
+falls from 8.33 (log 4096) to 5.18 (measured, seed 0):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python -m experiments.train --config=configs/default.py --workdir=/tmp/default
 
 `--config=configs/default.py:ddp` runs the DDP baseline with the same data and budget (eval loss
-4.59 measured: with a model this small, a budget this short and H = 20, DDP is ahead);
+4.59 measured, 3m05s: with a model this small, a budget this short and H = 20, DDP is ahead).
+The README's first command, `python -m experiments.compare --config=configs/default.py
+--workdir=runs/default`, trains both (6m32s in all) and draws runs/default/comparison.png;
 `--config.data.name=text --config.data.path=FILE_OR_FOLDER` trains on your own text.
 """
 
