@@ -6,7 +6,7 @@ table (final eval loss, tokens/s, bytes communicated) and writes DIR/comparison.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import distributed_flags
@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
+    logging.set_verbosity(logging.WARNING)
   try:
     distributed_flags.initialize()  # before anything touches devices
     train.compare_algorithms(_CONFIG.value, _WORKDIR.value, tuple(_ALGORITHMS.value))

@@ -6,7 +6,7 @@
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from lsgd_jax import train
 
@@ -17,6 +17,8 @@ flags.mark_flags_as_required(["model"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
+    logging.set_verbosity(logging.WARNING)
   try:
     result = train.evaluate_exported(_MODEL.value)
   except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback

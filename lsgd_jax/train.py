@@ -305,8 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def flush(p) -> dict:
     nonlocal t_log, tokens_at_log
     step, m, diag, extra = p
-    now = time.perf_counter()
-    m = mesh_lib.fetch(m)  # per-worker metrics span every process's devices
+    m = mesh_lib.fetch(m)  # per-worker metrics span every process's devices; waits for the step
+    now = time.perf_counter()  # after the wait: the host may run ahead of the devices
     losses = np.asarray(m["worker_loss"], np.float64)
     record = {"step": step, "train_loss": float(losses.mean()), **extra,
               "tokens_per_sec": (extra["tokens"] - tokens_at_log) / max(now - t_log, 1e-9),
