@@ -207,6 +207,33 @@ def _nonfinite(record: dict) -> str | None:
   return None
 
 
+def _restore_or_init(s: Setup, workdir: str, tag: str):
+  """(checkpointer, state, meta, abstract state): the latest restorable checkpoint, or a fresh
+  state with empty meta.
+
+  Resume order: abstract state -> latest restorable checkpoint -> config and tokenizer checks ->
+  data position (the caller then truncates metrics.jsonl to the checkpoint's step).
+  """
+  c = s.config
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=c.checkpoint.max_to_keep,
+                                 every_steps=c.checkpoint.every_steps,
+                                 every_minutes=c.checkpoint.every_minutes,
+                                 async_save=c.checkpoint.async_save)
+  abstract = jax.eval_shape(s.init_state)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract, local_sgd.state_shardings(s.layout, abstract))
+  restored = ckpt.restore_latest(abstract)
+  if restored is None:
+    return ckpt, s.init_state(), {}, abstract
+  state, meta = restored
+  for line in checkpoint.check_compatible(meta["config"], c):
+    print(f"{tag} resuming with a changed setting: {line}", flush=True)
+  tokenizers.check_identity(meta["tokenizer"], s.tokenizer)
+  s.dataset.load_state_dict(meta["data"])
+  return ckpt, state, meta, abstract
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        name: str | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
@@ -226,26 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   print(f"{tag} model {c.model.size}: {n_params:,} non-embedding parameters, "
         f"vocab {s.model_cfg.vocab_size}", flush=True)
 
-  # Resume order: abstract state -> latest restorable checkpoint -> config and tokenizer checks
-  # -> data position -> metrics truncated to the checkpoint's step.
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=c.checkpoint.max_to_keep,
-                                 every_steps=c.checkpoint.every_steps,
-                                 every_minutes=c.checkpoint.every_minutes,
-                                 async_save=c.checkpoint.async_save)
-  abstract = jax.eval_shape(s.init_state)
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          abstract, local_sgd.state_shardings(s.layout, abstract))
-  restored = ckpt.restore_latest(abstract)
-  meta: dict[str, Any] = {}
-  if restored is None:
-    state = s.init_state()
-  else:
-    state, meta = restored
-    for line in checkpoint.check_compatible(meta["config"], c):
-      print(f"{tag} resuming with a changed setting: {line}", flush=True)
-    tokenizers.check_identity(meta["tokenizer"], s.tokenizer)
-    s.dataset.load_state_dict(meta["data"])
+  ckpt, state, meta, abstract = _restore_or_init(s, workdir, tag)
   _write_config(c, workdir)
   start = int(meta.get("step", 0))
   total, H = c.train.steps, c.local_sgd.sync_every
@@ -298,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   comm_bytes = float(meta.get("comm_bytes", 0.0))
   skipped_rounds = jnp.asarray(meta.get("skipped_rounds", 0.0), jnp.float32)
   pending, last_record, eval_loss = None, {}, None
-  last_good = int(meta.get("step", 0)) if restored is not None else None
+  last_good = int(meta["step"]) if meta else None
   t_log = time.perf_counter()
   tokens_at_log = start * tokens_per_step
 
