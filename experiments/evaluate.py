@@ -4,10 +4,10 @@
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from experiments import cli
 from lsgd_jax import train
 
 _MODEL = flags.DEFINE_string("model", None, "An exported model folder (a run's workdir/export).")
@@ -17,12 +17,8 @@ flags.mark_flags_as_required(["model"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
-    logging.set_verbosity(logging.WARNING)
-  try:
+  with cli.user_errors():
     result = train.evaluate_exported(_MODEL.value)
-  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
-    sys.exit(f"error: {e}")
   print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}")
   print(json.dumps(result))
 

@@ -10,12 +10,10 @@ overridden, e.g. `--config.sweep.seeds="(0, 1)"`. `--dry_run` prints the plan an
 (`--hardware=8xH100 --mfu=0.4`) without training.
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import distributed_flags
+from experiments import cli, distributed_flags
 from lsgd_jax import sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config (configs/NAME.py[:ARG]).",
@@ -31,9 +29,7 @@ _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Re-run the runs that d
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
-    logging.set_verbosity(logging.WARNING)
-  try:
+  with cli.user_errors():
     if _DRY_RUN.value:
       print(sweep.describe(_CONFIG.value, sweep.plan(_CONFIG.value), _HARDWARE.value, _MFU.value))
       return
@@ -41,8 +37,6 @@ def main(argv):
       raise app.UsageError("--workdir is required (except with --dry_run).")
     distributed_flags.initialize()  # before anything touches devices
     sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
-  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
-    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,10 @@ Multi-process (several hosts, or processes on one host): every process runs the 
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (WORKSPACE.md).
 """
 
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import distributed_flags
+from experiments import cli, distributed_flags
 from lsgd_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
@@ -22,15 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
-    logging.set_verbosity(logging.WARNING)
-  try:
+  with cli.user_errors():
     distributed_flags.initialize()  # before anything touches devices
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the message, no traceback
-    sys.exit(f"error: {e}")
-  except train.Preempted as e:  # the checkpoint is saved; the same command resumes
-    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":
