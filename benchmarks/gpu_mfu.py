@@ -7,8 +7,12 @@
 For each model size, three variants on the same global batch (`--batch` sequences of `--seq_len`
 tokens, random tokens already on the devices, so the input pipeline is not measured):
 - `ddp`: one replica, gradients averaged over all devices every step;
-- `local_sgd_inner`: K replicas (`--workers`), the inner step alone (no cross-worker traffic);
+- `local_sgd_inner`: K replicas (each K of `--workers`), the inner step alone (no cross-worker
+  traffic);
 - `local_sgd_amortised`: H inner steps plus one outer sync, per step (H = `--sync_every`).
+K = 1 is the per-device cost of a deployment with one worker per device (the comparison the 5%
+target is about: the same work as a DDP step, plus the local SGD state); K = 8 on one device is what
+simulating the study's 8 workers on one accelerator costs (8 optimizer updates per step).
 Time per step is the median of `--reps` timings of `--steps` steps (after compiling and one
 warm-up pass). MFU = tokens/s x training FLOPs per token (lsgd_jax.model.train_flops_per_token:
 6N + attention + output head) / (devices x the device's peak dense bf16 FLOP/s, PEAK_FLOPS below;
@@ -24,6 +28,7 @@ local SGD inner step within 5% of the DDP step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -39,12 +44,15 @@ from lsgd_jax import local_sgd, mesh, model, optim
 
 _SIZES = flags.DEFINE_list("sizes", ["100M", "400M"], "Model presets (lsgd_jax.model.PRESETS).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+_ATTENTION = flags.DEFINE_enum("attention", "auto", list(model.ATTENTION),
+                               "Attention kernel (auto: cuDNN's fused one on a GPU in bfloat16; "
+                               "if it fails to build, XLA's is measured instead and said so).")
 _SEQ = flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Global batch in sequences (the same for all "
                              "variants): 16 x 2048 = 32k tokens per step.")
 _VOCAB = flags.DEFINE_integer("vocab", 32_000, "Vocabulary size (C4's SentencePiece: 32k).")
-_WORKERS = flags.DEFINE_integer("workers", 8, "Local SGD workers K (the study's 8); halved while "
-                                "the replicas would not fit in memory.")
+_WORKERS = flags.DEFINE_list("workers", ["1", "8"], "Local SGD worker counts K to measure (the "
+                             "study's 8); each halved while its replicas would not fit in memory.")
 _H = flags.DEFINE_integer("sync_every", 50, "H for the amortised local SGD variant.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timing.")
 _REPS = flags.DEFINE_integer("reps", 3, "Timings per variant (the median is reported).")
@@ -116,20 +124,41 @@ def _timed(fn, steps: int, reps: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def bench_size(size: str, *, dtype: str, seq_len: int, batch: int, vocab: int, workers: int,
-               sync_every: int, steps: int, reps: int, peak: float | None) -> dict:
-  """The three variants of one model size; returns a JSON-able dict."""
+def bench_size(size: str, *, attention: str = "auto", log=print, **kwargs) -> dict:
+  """DDP and, for each K in `workers`, the two local SGD variants of one model size; returns a
+  JSON-able dict. `log` gets one line per measured variant (progress on long runs). A fused
+  attention kernel that does not build here (an old cuDNN, say) falls back to XLA's, logged."""
+  cfg = model.model_config(size, vocab_size=kwargs["vocab"], max_seq_len=kwargs["seq_len"],
+                           dtype=kwargs["dtype"], attention=attention)
+  impl = model.attention_implementation(cfg)
+  try:
+    result = _bench(cfg, size, log=log, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    if impl == "xla" or _out_of_memory(e):
+      raise
+    log(f"{size}: attention {impl!r} failed ({type(e).__name__}: {str(e)[:300]}); "
+        "measuring XLA's attention instead")
+    cfg = dataclasses.replace(cfg, attention="xla")
+    impl = "xla"
+    result = _bench(cfg, size, log=log, **kwargs)
+  result["attention"] = impl
+  return result
+
+
+def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
+           workers: tuple[int, ...], sync_every: int, steps: int, reps: int,
+           peak: float | None, log=print) -> dict:
+  del dtype  # in cfg
   devices = jax.devices()
   n = len(devices)
-  cfg = model.model_config(size, vocab_size=vocab, max_seq_len=seq_len, dtype=dtype)
   loss = functools.partial(model.loss_fn, cfg)
   init = functools.partial(model.init_params, cfg)
   tx = optim.inner_optimizer("adamw", learning_rate=3e-4, total_steps=10**6, warmup_steps=10)
   outer = optim.outer_optimizer("nesterov")
   flops_per_token = model.train_flops_per_token(cfg, seq_len)
   tokens_per_step = batch * seq_len
-  k = fit_workers(workers, model.total_params(cfg), n, _device_memory(devices[0]),
-                  activation_bytes(cfg, tokens_per_step))
+  memory = _device_memory(devices[0])
+  activations = activation_bytes(cfg, tokens_per_step)
   rng = np.random.default_rng(0)
 
   def make(algorithm, num_workers):
@@ -156,63 +185,77 @@ def bench_size(size: str, *, dtype: str, seq_len: int, batch: int, vocab: int, w
 
   def row(variant, seconds, times, num_workers):
     tps = tokens_per_step / seconds
-    return {"variant": variant, "workers": num_workers, "step_seconds": seconds,
-            "step_seconds_all": times, "tokens_per_sec": tps,
-            "mfu": tps * flops_per_token / (n * peak) if peak else None}
+    r = {"variant": variant, "workers": num_workers, "step_seconds": seconds,
+         "step_seconds_all": times, "tokens_per_sec": tps,
+         "mfu": tps * flops_per_token / (n * peak) if peak else None}
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+    log(f"{size} {variant} K={num_workers}: {1e3 * seconds:.1f} ms/step, {tps:,.0f} tokens/s{mfu}")
+    return r
 
-  rows = []
+  result = {"size": size, "non_embedding_params": model.non_embedding_params(cfg),
+            "total_params": model.total_params(cfg), "train_flops_per_token": flops_per_token,
+            "rows": [], "workers": {}}
   try:
     run_ddp, holder = make("ddp", n)
     sec, times = _timed(run_ddp, steps, reps)
   except jax.errors.JaxRuntimeError as e:
     if not _out_of_memory(e):
       raise
-    return {"size": size, "error": f"DDP out of memory at global batch {batch}: lower --batch"}
-  rows.append(row("ddp", sec, times, n))
+    result["error"] = f"DDP out of memory at global batch {batch}: lower --batch"
+    return result
+  result["rows"].append(row("ddp", sec, times, n))
+  ddp = sec
   del holder, run_ddp  # free the DDP state before K replicas are created
-  while True:  # the estimate is rough: on out-of-memory halve K and try again
-    try:
-      run_lsgd, holder = make("local_sgd", k)
-      sec, times = _timed(run_lsgd, steps, reps)
-      # H inner steps and one sync, per step (at least one whole round per timing).
-      h_steps = max(sync_every, steps // sync_every * sync_every)
-      sec_h, times_h = _timed(lambda m: run_lsgd(m, sync_every), h_steps, reps)
-      break
-    except jax.errors.JaxRuntimeError as e:
-      if not _out_of_memory(e) or k == 1:
-        raise
-      run_lsgd = holder = None
-      k //= 2
-      print(f"{size}: out of memory with K = {2 * k}; trying K = {k}", flush=True)
-  rows.append(row("local_sgd_inner", sec, times, k))
-  rows.append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
-  return {"size": size, "non_embedding_params": model.non_embedding_params(cfg),
-          "total_params": model.total_params(cfg), "train_flops_per_token": flops_per_token,
-          "workers_requested": workers, "workers": k,
-          "inner_over_ddp": rows[1]["step_seconds"] / rows[0]["step_seconds"],
-          "amortised_over_ddp": rows[2]["step_seconds"] / rows[0]["step_seconds"], "rows": rows}
+  for asked in workers:
+    k = fit_workers(asked, model.total_params(cfg), n, memory, activations)
+    while True:  # the estimate is rough: on out-of-memory halve K and try again
+      try:
+        run_lsgd, holder = make("local_sgd", k)
+        sec, times = _timed(run_lsgd, steps, reps)
+        # H inner steps and one sync, per step (at least one whole round per timing).
+        h_steps = max(sync_every, steps // sync_every * sync_every)
+        sec_h, times_h = _timed(lambda m: run_lsgd(m, sync_every), h_steps, reps)
+        break
+      except jax.errors.JaxRuntimeError as e:
+        run_lsgd = holder = None
+        if not _out_of_memory(e) or k == 1:
+          raise
+        k //= 2
+        log(f"{size}: out of memory with K = {2 * k}; trying K = {k}")
+    del run_lsgd, holder  # free the K replicas before the next K
+    result["rows"].append(row("local_sgd_inner", sec, times, k))
+    result["rows"].append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
+    result["workers"][str(asked)] = {"measured": k, "inner_over_ddp": sec / ddp,
+                                     "amortised_over_ddp": sec_h / ddp}
+  return result
 
 
-def run(sizes, *, dtype="bfloat16", seq_len=2048, batch=16, vocab=32_000, workers=8,
-        sync_every=50, steps=10, reps=3, peak_tflops=0.0) -> dict:
-  """Benchmarks every size; returns the JSON-able report (also what `main` writes)."""
+def run(sizes, *, dtype="bfloat16", seq_len=2048, batch=16, vocab=32_000, workers=(1, 8),
+        sync_every=50, steps=10, reps=3, peak_tflops=0.0, attention="auto", on_size=None,
+        log=print) -> dict:
+  """Benchmarks every size; returns the JSON-able report (also what `main` writes). `on_size` is
+  called with the report so far after each size (so a long run that is cut off keeps its results)."""
   dev = jax.devices()[0]
   peak = peak_tflops * 1e12 if peak_tflops else peak_flops(dev.device_kind)
   report = {"device_kind": dev.device_kind, "platform": dev.platform,
             "num_devices": jax.device_count(), "peak_flops_per_device": peak,
             "jax": jax.__version__, "host": platform.node(), "dtype": dtype, "seq_len": seq_len,
             "global_batch": batch, "vocab": vocab, "steps": steps, "reps": reps,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "sizes": []}
+            "sync_every": sync_every, "xla_flags": os.environ.get("XLA_FLAGS", ""), "sizes": []}
   for size in sizes:
-    report["sizes"].append(bench_size(size, dtype=dtype, seq_len=seq_len, batch=batch,
-                                      vocab=vocab, workers=workers, sync_every=sync_every,
-                                      steps=steps, reps=reps, peak=peak))
+    report["sizes"].append(bench_size(size, attention=attention, dtype=dtype, seq_len=seq_len,
+                                      batch=batch,
+                                      vocab=vocab, workers=tuple(workers), sync_every=sync_every,
+                                      steps=steps, reps=reps, peak=peak, log=log))
+    if on_size is not None:
+      on_size(report)
   return report
 
 
 def table(report: dict) -> str:
   lines = [f"{report['num_devices']} x {report['device_kind']} ({report['platform']}), "
            f"{report['dtype']}, seq {report['seq_len']}, global batch {report['global_batch']}, "
+           f"attention {'/'.join(sorted({s.get('attention', '?') for s in report['sizes']}))}, "
            f"median of {report['reps']} x {report['steps']} steps",
            "", "| size | variant | K | step (ms) | tokens/s | MFU | vs DDP |",
            "|---|---|---|---|---|---|---|"]
@@ -226,28 +269,42 @@ def table(report: dict) -> str:
       lines.append(f"| {s['size']} | {r['variant']} | {r['workers']} | "
                    f"{1e3 * r['step_seconds']:.1f} | {r['tokens_per_sec']:,.0f} | {mfu} | "
                    f"{r['step_seconds'] / ddp:.3f} |")
-    if s["workers"] != s["workers_requested"]:
-      lines.append(f"(K = {s['workers_requested']} replicas of {s['size']} do not fit; "
-                   f"K = {s['workers']} measured)")
+    for asked, w in s["workers"].items():
+      if w["measured"] != int(asked):
+        lines.append(f"(K = {asked} replicas of {s['size']} do not fit; K = {w['measured']} "
+                     "measured)")
   lines.append("")
   for s in (s for s in report["sizes"] if "error" not in s):
     best = max((r["mfu"] for r in s["rows"] if r["mfu"] is not None), default=None)
     mfu_txt = f"best MFU {100 * best:.1f}%" if best is not None else "MFU n/a (no peak known)"
-    lines.append(f"{s['size']}: {mfu_txt}; local SGD inner step / DDP step = "
-                 f"{s['inner_over_ddp']:.3f} (target <= 1.05)"
-                 + ("; target MFU >= 45%" if s["size"] == "400M" else ""))
+    ratios = ", ".join(f"K={w['measured']}: {w['inner_over_ddp']:.3f}"
+                       for w in s["workers"].values())
+    lines.append(f"{s['size']}: {mfu_txt}; local SGD inner step / DDP step: {ratios} "
+                 "(target <= 1.05 per worker)" + ("; target MFU >= 45%" if s["size"] == "400M"
+                                                  else ""))
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
-  report = run(_SIZES.value, dtype=_DTYPE.value, seq_len=_SEQ.value, batch=_BATCH.value,
-               vocab=_VOCAB.value, workers=_WORKERS.value, sync_every=_H.value,
-               steps=_STEPS.value, reps=_REPS.value, peak_tflops=_PEAK.value)
-  print(table(report))
+  try:
+    workers = tuple(int(k) for k in _WORKERS.value)
+  except ValueError:
+    raise app.UsageError(f"--workers must be whole numbers, got {_WORKERS.value}") from None
+  if not workers or min(workers) < 1:
+    raise app.UsageError(f"--workers must be positive, got {_WORKERS.value}")
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
+
+  def write(report):
+    with open(_OUT.value, "w") as f:
+      json.dump(report, f, indent=2)
+
+  report = run(_SIZES.value, dtype=_DTYPE.value, seq_len=_SEQ.value, batch=_BATCH.value,
+               vocab=_VOCAB.value, workers=workers, sync_every=_H.value, steps=_STEPS.value,
+               reps=_REPS.value, peak_tflops=_PEAK.value, attention=_ATTENTION.value,
+               on_size=write,
+               log=lambda line: print(line, flush=True))
+  print(table(report))
   print(f"\nwrote {_OUT.value}")
 
 

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"       # compute dtype: "float32" or "bfloat16" (parameters stay float32)
   c.model.tie_embeddings = False  # share the input embedding with the output head
   c.model.max_seq_len = 2048      # longest sequence the model accepts
+  c.model.attention = "auto"      # "xla", "cudnn" (fused, GPU + bfloat16) or "auto" (cudnn there)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shakespeare"  # "shakespeare" / "kjv" (embedded, public domain), "text"
@@ -114,6 +115,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                      f"{', '.join(local_sgd.ALGORITHMS)}.")
   if c.model.size not in model.PRESETS:
     raise ValueError(f"Unknown model size {c.model.size!r}; allowed: {', '.join(model.PRESETS)}.")
+  if c.model.attention not in model.ATTENTION:
+    raise ValueError(f"Unknown model.attention {c.model.attention!r}; allowed: "
+                     f"{', '.join(model.ATTENTION)}.")
   if c.data.name not in data.DATASETS:
     raise ValueError(f"Unknown dataset {c.data.name!r}; allowed: {', '.join(data.DATASETS)}.")
   if c.optim.name not in optim.INNER_OPTIMIZERS:

@@ -35,6 +35,7 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+  attention: str = "auto"  # "xla", "cudnn" (fused flash attention, GPU, bfloat16) or "auto"
 
   @property
   def head_dim(self) -> int:
@@ -66,8 +67,21 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 STUDY_SIZES = ("5M", "12M", "25M", "50M", "100M", "200M", "400M", "800M")
 
 
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+  """The `jax.nn.dot_product_attention` implementation for `cfg.attention`: "auto" is cuDNN's
+  fused kernel on a GPU in bfloat16 (it never stores the T x T scores) and XLA's otherwise (JAX's
+  own default is XLA's everywhere, which stores them)."""
+  if cfg.attention != "auto":
+    return cfg.attention
+  return "cudnn" if jax.default_backend() == "gpu" and cfg.dtype == "bfloat16" else "xla"
+
+
 def model_config(size: str, vocab_size: int, max_seq_len: int = 2048,
-                 tie_embeddings: bool = False, dtype: str = "float32") -> ModelConfig:
+                 tie_embeddings: bool = False, dtype: str = "float32",
+                 attention: str = "auto") -> ModelConfig:
   """The `ModelConfig` of a named size preset."""
   if size not in PRESETS:
     raise ValueError(f"Unknown model size {size!r}; allowed: {', '.join(PRESETS)}.")
@@ -75,10 +89,12 @@ def model_config(size: str, vocab_size: int, max_seq_len: int = 2048,
     raise ValueError(f"Unknown compute dtype {dtype!r}; allowed: 'float32', 'bfloat16'.")
   if vocab_size < 2:
     raise ValueError(f"vocab_size must be at least 2, got {vocab_size}.")
+  if attention not in ATTENTION:
+    raise ValueError(f"Unknown attention {attention!r}; allowed: {', '.join(map(repr, ATTENTION))}.")
   layers, width, heads, d_ff = PRESETS[size]
   return ModelConfig(vocab_size=vocab_size, num_layers=layers, d_model=width, num_heads=heads,
                      d_ff=d_ff, max_seq_len=max_seq_len, tie_embeddings=tie_embeddings,
-                     dtype=dtype)
+                     dtype=dtype, attention=attention)
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
@@ -154,7 +170,8 @@ class Block(nnx.Module):
     q = _rope(self.q(h).reshape(shape), positions, cfg.rope_theta)
     k = _rope(self.k(h).reshape(shape), positions, cfg.rope_theta)
     v = self.v(h).reshape(shape)
-    a = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    a = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                     implementation=attention_implementation(cfg))
     x = x + self.o(a.reshape(b, t, cfg.d_model))
     h = self.mlp_norm(x)
     return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))

@@ -96,7 +96,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       domain_field=c.data.domain_field, non_iid=c.data.non_iid,
       dirichlet_alpha=c.data.dirichlet_alpha))
   mcfg = model.model_config(c.model.size, dataset.vocab_size, c.model.max_seq_len,
-                            c.model.tie_embeddings, c.model.dtype)
+                            c.model.tie_embeddings, c.model.dtype,
+                            c.model.attention)
   tx = optim.inner_optimizer(
       c.optim.name, learning_rate=c.optim.lr, total_steps=c.train.steps,
       warmup_steps=c.optim.warmup_steps, final_lr_fraction=c.optim.final_lr_fraction,

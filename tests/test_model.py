@@ -63,11 +63,25 @@ def test_tied_embeddings_share_the_table():
   assert model.apply(cfg, params, jnp.zeros((2, 4), jnp.int32)).shape == (2, 4, 40)
 
 
+def test_attention_auto_is_xla_off_gpu_and_explicit_xla_matches_it():
+  auto = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=8, dtype="bfloat16")
+  xla = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=8, dtype="bfloat16",
+                           attention="xla")
+  assert jax.default_backend() == "cpu" and model.attention_implementation(auto) == "xla"
+  assert model.attention_implementation(
+      model.model_config("cpu-tiny", vocab_size=40, attention="cudnn")) == "cudnn"
+  params = model.init_params(auto, jax.random.key(0))
+  tokens = jnp.arange(8, dtype=jnp.int32)[None]
+  assert jnp.array_equal(model.apply(auto, params, tokens), model.apply(xla, params, tokens))
+
+
 def test_bad_model_inputs():
   with pytest.raises(ValueError, match=r"Unknown model size '7M'.*allowed: .*5M"):
     model.model_config("7M", vocab_size=10)
   with pytest.raises(ValueError, match=r"compute dtype 'float16'"):
     model.model_config("cpu-tiny", vocab_size=10, dtype="float16")
+  with pytest.raises(ValueError, match=r"Unknown attention 'flash'; allowed: 'auto', 'xla'"):
+    model.model_config("cpu-tiny", vocab_size=10, attention="flash")
   cfg = model.model_config("cpu-tiny", vocab_size=10, max_seq_len=8)
   params = model.init_params(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match=r"Sequence length 9 exceeds the model's max_seq_len 8"):

@@ -75,6 +75,7 @@ def _ddp_tiny():
     ({"train__global_batch": 20}, r"Global batch size 20 is not divisible by num_workers x data "
                                   r"devices = 8 x 1 = 8"),
     ({"model__size": "3M"}, r"Unknown model size '3M'; allowed: "),
+    ({"model__attention": "flash"}, r"Unknown model.attention 'flash'; allowed: auto, xla, cudnn"),
     ({"optim__name": "adagrad"}, r"Unknown inner optimizer 'adagrad'; allowed: adamw, sgd"),
     ({"local_sgd__outer_optimizer": "nesterow"}, r"Unknown outer optimizer 'nesterow'"),
     ({"data__seq_len": 512}, r"data.seq_len=512 must be in \[1, model.max_seq_len=256\]"),
