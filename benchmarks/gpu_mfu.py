@@ -222,7 +222,8 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
           raise
         k //= 2
         log(f"{size}: out of memory with K = {2 * k}; trying K = {k}")
-    del run_lsgd, holder  # free the K replicas before the next K
+    run_lsgd = None  # free the K replicas before the next K
+    del holder
     result["rows"].append(row("local_sgd_inner", sec, times, k))
     result["rows"].append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
     result["workers"][str(asked)] = {"measured": k, "inner_over_ddp": sec / ddp,
