@@ -315,12 +315,30 @@ class Clock:
   """Simulated seconds a training loop advances: `clock.step()` each step, `clock.sync()` per sync.
 
   Hierarchical runs call `clock.sync("cluster")` at H1 syncs. `clock.metrics()` gives `sim_time`
-  (wall clock), `sim_comm_time` (all communication, hidden or not) and `sim_utilisation`.
+  (wall clock), `sim_comm_time` (all communication, hidden or not) and `sim_utilisation` (the
+  workers' mean busy share of the wall clock).
+
+  Heterogeneous workers: `speeds` [K] multiply the device's speed (0.5: half as fast). DDP and
+  local SGD under `policy="wait"` go at the slowest worker's pace (a step takes step_s / min v)
+  while the others idle; under "budget" (local SGD) a round lasts H steps of the fastest worker
+  (step_s / max v each) and slower workers do fewer steps (`heterogeneous_round`).
   """
 
-  def __init__(self, run: Run, dev: str | Device, net: Network, overlap: bool = False):
+  def __init__(self, run: Run, dev: str | Device, net: Network, overlap: bool = False,
+               speeds: Sequence[float] | None = None, policy: str = "wait"):
     self.run, self.overlap = run, overlap
     self.step_compute_s = compute_time(run.tokens_per_step, run.flops_per_token, dev)
+    self.busy = 1.0  # the workers' mean share of a step's compute time spent computing
+    if speeds is not None:
+      _check("policy", policy, policy in POLICIES, f"one of {POLICIES}")
+      budget = policy == "budget" and run.algorithm != "ddp"
+      h = 1 if run.algorithm == "ddp" else run.sync_every
+      pace = max(speeds) if budget else min(speeds)
+      r = heterogeneous_round(speeds, h, self.step_compute_s, 0.0,
+                              "budget" if budget else "wait",
+                              budget_s=h * self.step_compute_s / pace)
+      self.step_compute_s /= pace
+      self.busy = r.utilisation
     self.step_comm_s = step_comm(run, net).time(net)
     self.sync_time = {s: sync_comm(run, net, s).time(net) for s in ("global", "cluster")}
     self.seconds = self.compute_seconds = self.comm_seconds = 0.0
@@ -332,7 +350,7 @@ class Clock:
     wall = n * (max(c, s) if self.overlap else c + s)
     self.seconds += wall
     self._since_sync += wall
-    self.compute_seconds += n * c
+    self.compute_seconds += n * c * self.busy
     self.comm_seconds += n * s
     self.steps += n
     return self.seconds
@@ -353,6 +371,17 @@ class Clock:
   def metrics(self) -> dict[str, float]:
     return {"sim_time": self.seconds, "sim_comm_time": self.comm_seconds,
             "sim_utilisation": self.utilisation}
+
+  _STATE = ("seconds", "compute_seconds", "comm_seconds", "steps", "syncs", "_since_sync")
+
+  def state_dict(self) -> dict[str, float]:
+    """What a checkpoint keeps, so that a resumed run's clock goes on where it stopped."""
+    return {k: getattr(self, k) for k in self._STATE}
+
+  def load_state_dict(self, d: dict) -> None:
+    for k in self._STATE:
+      if k in d:
+        setattr(self, k, type(getattr(self, k))(d[k]))
 
 
 def sim_times(events: Iterable[tuple[int, int]], run: Run, dev: str | Device, net: Network,

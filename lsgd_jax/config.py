@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lsgd_jax import clock, data, local_sgd, model, optim, tokenizers
+from lsgd_jax import clock, data, faults, local_sgd, model, optim, tokenizers
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -102,6 +102,20 @@ def base_config() -> ml_collections.ConfigDict:
                                   # clock.LINKS preset
   c.clock.cluster_link = ""      # link between the workers of one cluster ("": the device's)
   c.clock.overlap = False        # communication overlaps computation
+  c.clock.model_size = ""        # price the run as this model preset ("": the trained one): a
+                                 # small proxy run priced as the model it stands for
+  c.clock.tokens_per_step = 0    # tokens per device a step is priced at (0: the run's own; more:
+                                 # a small proxy run priced at a production batch)
+  c.clock.inter_bandwidth = 0.0  # Mbit/s per device on inter_link (0: the preset's), e.g. a slow
+                                 # uplink sweep
+
+  c.edge = ml_collections.ConfigDict()  # heterogeneous workers (edge and straggler studies)
+  c.edge.speeds = ""             # relative speed per worker: "" (all 1), "1,1,0.5,0.25" (one per
+                                 # worker), "random:0.25" (uniform in [0.25, 1], fixed by seed)
+  c.edge.policy = "wait"         # local SGD rounds: "wait" (every worker does H steps, the round
+                                 # waits for the slowest) or "budget" (a round lasts H steps of the
+                                 # fastest; slower workers do fewer steps, the outer mean is
+                                 # weighted by steps done). DDP always waits for the slowest.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0  # devices to use (0: all visible)
@@ -178,6 +192,19 @@ def _validate_hierarchy(c: ml_collections.ConfigDict) -> None:
                        f"{[d for d in range(1, h2 + 1) if h2 % d == 0]}.")
     optim.outer_optimizer(s.cluster_outer_optimizer, s.cluster_outer_lr,
                           s.cluster_outer_momentum)
+  if c.edge.policy not in faults.STRAGGLER_POLICIES:
+    raise ValueError(f"Unknown edge.policy {c.edge.policy!r}; allowed: "
+                     f"{', '.join(faults.STRAGGLER_POLICIES)}.")
+  faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
+  if c.clock.model_size and c.clock.model_size not in model.PRESETS:
+    raise ValueError(f"Unknown clock.model_size {c.clock.model_size!r}; allowed: '' (the trained "
+                     f"model) or {', '.join(model.PRESETS)}.")
+  if not (isinstance(c.clock.tokens_per_step, int) and c.clock.tokens_per_step >= 0):
+    raise ValueError(f"clock.tokens_per_step must be an integer >= 0 (0: the run's own tokens per "
+                     f"device and step), got {c.clock.tokens_per_step!r}.")
+  if not (c.clock.inter_bandwidth >= 0 and c.clock.inter_bandwidth < float("inf")):
+    raise ValueError(f"clock.inter_bandwidth must be a finite number of Mbit/s >= 0 (0: the "
+                     f"link preset's), got {c.clock.inter_bandwidth}.")
   if c.clock.device:
     clock.device(c.clock.device)
     clock.link(c.clock.inter_link)

@@ -38,3 +38,43 @@ def round_weights(round_index: int, num_workers: int, *, seed: int = 0, fail_pro
   for k in (schedule or {}).get(round_index, ()):
     w[k] = 0.0
   return w
+
+
+STRAGGLER_POLICIES = ("wait", "budget")
+
+
+def parse_speeds(spec: str, num_workers: int, seed: int = 0) -> np.ndarray:
+  """Relative compute speeds [K] of the workers (1: the clock's device; 0.5: half as fast).
+
+  "" -> all 1; "1,1,0.5,0.25" -> one value per worker; "random:LO" -> drawn uniformly from
+  [LO, 1] once per seed (the same for every round, so a run is repeatable and resumes exactly).
+  """
+  spec = (spec or "").strip()
+  if not spec:
+    return np.ones(num_workers)
+  if spec.startswith("random:"):
+    try:
+      lo = float(spec.split(":", 1)[1])
+    except ValueError:
+      lo = float("nan")
+    if not 0 < lo <= 1:
+      raise ValueError(f"edge.speeds={spec!r}: 'random:LO' needs 0 < LO <= 1, e.g. 'random:0.25'.")
+    return np.random.default_rng([seed, 104729]).uniform(lo, 1.0, num_workers)
+  try:
+    v = np.array([float(x) for x in spec.split(",")])
+  except ValueError:
+    raise ValueError(f"edge.speeds={spec!r}: expected {num_workers} comma-separated numbers "
+                     "(e.g. '1,1,0.5,0.25'), or 'random:LO'.") from None
+  if v.size != num_workers:
+    raise ValueError(f"edge.speeds={spec!r} gives {v.size} speeds for {num_workers} workers; "
+                     "give one per worker.")
+  if not np.all(np.isfinite(v) & (v > 0)):
+    raise ValueError(f"edge.speeds={spec!r}: every speed must be a finite number > 0.")
+  return v
+
+
+def budget_steps(speeds: np.ndarray, sync_every: int) -> np.ndarray:
+  """Inner steps [K] each worker does in a round under the "budget" policy: the round lasts H
+  steps of the fastest worker, and worker k does floor(H v_k / max v) of its own (possibly 0)."""
+  v = np.asarray(speeds, np.float64)
+  return np.floor(sync_every * v / v.max() + 1e-9).astype(np.int64)

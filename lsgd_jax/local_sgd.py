@@ -223,14 +223,20 @@ def global_params(state: TrainState) -> PyTree:
 
 
 def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
-                    tx: optax.GradientTransformation):
+                    tx: optax.GradientTransformation, masked: bool = False):
   """Jitted `step(state, batch [K, B/K, T+1]) -> (state, metrics)`; the state is donated.
 
   Metrics (left on device; the host reads them one step late): `worker_loss` [K] and
   `grad_norm` [K] for local SGD (one entry per worker, sharded over 'worker', so that the step has
   no collective over 'worker'); DDP returns the same keys with one entry.
+
+  `masked` (local SGD only): `step(state, batch, active [K])`; a worker whose `active` entry is 0
+  keeps its parameters and optimizer state (a slow worker that has used up its round's time
+  budget; its loss is still computed and reported).
   """
   _check_algorithm(algorithm)
+  if masked and algorithm != "local_sgd":
+    raise ValueError(f"A masked train step needs algorithm 'local_sgd', got {algorithm!r}.")
   # Mesh axes of size 1 are left out of the specs and of the gradient mean: a collective over
   # them would still be compiled and run.
   data_spec = DATA if layout.data_axis_size > 1 else None
@@ -240,10 +246,16 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
     step = functools.partial(replica_step, loss_fn=loss_fn, tx=tx,
                              grad_axes=_nontrivial(layout, DATA))
 
-    def per_device(params, opt_state, batch):  # local: [K / |worker|, ...]
-      return jax.vmap(step)(params, opt_state, batch)
+    def per_device(params, opt_state, batch, active=None):  # local: [K / |worker|, ...]
+      new_params, new_opt, m = jax.vmap(step)(params, opt_state, batch)
+      if active is not None:
+        keep = lambda new, old: jnp.where(
+            active.reshape((-1,) + (1,) * (new.ndim - 1)) > 0, new, old)
+        new_params = jax.tree.map(keep, new_params, params)
+        new_opt = jax.tree.map(keep, new_opt, opt_state)
+      return new_params, new_opt, m
 
-    specs = (workers, workers, P(layout.worker_axes, data_spec))
+    specs = (workers, workers, P(layout.worker_axes, data_spec)) + ((workers,) if masked else ())
     out_specs = (workers, workers, workers)
   else:
     step = functools.partial(replica_step, loss_fn=loss_fn, tx=tx,
@@ -257,8 +269,8 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
     out_specs = (P(), P(), P())
   lifted = jax.shard_map(per_device, mesh=layout.mesh, in_specs=specs, out_specs=out_specs)
 
-  def train_step(state: TrainState, batch: jax.Array):
-    params, opt_state, m = lifted(state.params, state.opt_state, batch)
+  def train_step(state: TrainState, batch: jax.Array, *active):
+    params, opt_state, m = lifted(state.params, state.opt_state, batch, *active)
     state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {"worker_loss": m["loss"], "grad_norm": m["grad_norm"]}
     # Steps skipped for non-finite gradients (inner optimizer wrapped in optax.apply_if_finite).

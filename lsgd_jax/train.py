@@ -24,8 +24,7 @@ import numpy as np
 import optax
 
 from lsgd_jax import checkpoint, comm, data, faults, local_sgd, model, optim, tokenizers
-from lsgd_jax import distributed
-from lsgd_jax import clock as clock_lib
+from lsgd_jax import distributed, pricing
 from lsgd_jax import mesh as mesh_lib
 from lsgd_jax import metrics as metrics_lib
 from lsgd_jax.config import validate
@@ -119,7 +118,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   return Setup(
       config=c, layout=layout, dataset=dataset, tokenizer=tokenizer, model_cfg=mcfg, tx=tx,
       outer_tx=outer_tx, loss_fn=loss_fn,
-      train_step=local_sgd.make_train_step(layout, c.algorithm, loss_fn, tx),
+      train_step=local_sgd.make_train_step(layout, c.algorithm, loss_fn, tx,
+                                           masked=_budget_policy(c)),
       outer_sync=(local_sgd.make_outer_sync(layout, outer_tx, c.local_sgd.exact_cosine,
                                             skip_nonfinite=skip)
                   if outer_tx is not None else None),
@@ -128,29 +128,49 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                                                 skip_nonfinite=skip) if hierarchical else None))
 
 
-def sim_clock(c: ml_collections.ConfigDict, layout: mesh_lib.Layout, synced_params: int,
-              flops_per_token: float) -> clock_lib.Clock | None:
-  """The simulated wall clock of this run (lsgd_jax/clock.py); None with clock.device = "".
+def _budget_policy(c: ml_collections.ConfigDict) -> bool:
+  """Whether slow workers do fewer inner steps (local SGD, edge.policy "budget", unequal speeds)."""
+  v = faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
+  return c.algorithm == "local_sgd" and c.edge.policy == "budget" and v.min() < v.max()
 
-  Flat runs put every worker behind `clock.inter_link` (workers in different places);
-  hierarchical runs put the workers of a cluster on `clock.cluster_link` and the clusters behind
-  `clock.inter_link`. Each worker has |data| devices joined by the device's node link.
-  """
-  if not c.clock.device:
-    return None
-  k, hier = layout.num_workers, layout.num_clusters > 1
-  run = clock_lib.Run(
-      algorithm="hierarchical" if hier else c.algorithm, params=synced_params,
-      flops_per_token=flops_per_token,
-      tokens_per_step=c.train.global_batch * c.data.seq_len / (k * layout.data_axis_size),
-      devices_per_worker=layout.data_axis_size, workers=k,
-      clusters=layout.num_clusters if hier else k,
-      sync_every=c.local_sgd.cluster_sync_every if hier else c.local_sgd.sync_every,
-      global_sync_every=c.local_sgd.sync_every if hier else 0,
-      layout="two_stage" if layout.two_stage and c.algorithm == "local_sgd" else "flat")
-  net = clock_lib.Network.for_device(c.clock.device, c.clock.inter_link,
-                                     c.clock.cluster_link or None)
-  return clock_lib.Clock(run, c.clock.device, net, overlap=c.clock.overlap)
+
+class Rounds:
+  """Who contributes what to each outer round: the weights of the outer mean (0 for a failed
+  worker; under the budget policy, the inner steps a worker did) and, under the budget policy, the
+  per-step mask of the workers still inside their round's time budget. All pure functions of
+  (config, step), so a resumed run does what an uninterrupted one does."""
+
+  def __init__(self, c: ml_collections.ConfigDict, layout: mesh_lib.Layout, round_steps: int):
+    k = layout.num_workers
+    self.layout, self.round_steps, self.seed = layout, round_steps, c.seed
+    self.fail_prob = c.faults.fail_prob
+    self.schedule = faults.parse_schedule(c.faults.fail_schedule, k)
+    self.speeds = faults.parse_speeds(c.edge.speeds, k, c.seed)
+    self.budget = _budget_policy(c)
+    self.steps = faults.budget_steps(self.speeds, round_steps) if self.budget else None
+    self.uniform = local_sgd.uniform_weights(layout)
+    self._masks: dict[bytes, jax.Array] = {}
+
+  def step_args(self, step: int) -> tuple:
+    """Extra arguments of the train step at `step`: (active mask,) under the budget policy."""
+    if not self.budget:
+      return ()
+    active = (step % self.round_steps < self.steps).astype(np.float32)
+    key = active.tobytes()
+    if key not in self._masks:  # at most H distinct masks: put each on the devices once
+      self._masks[key] = mesh_lib.put_global(active, self.layout.per_worker)
+    return (self._masks[key],)
+
+  def weights(self, step: int) -> jax.Array:
+    """Outer-mean weights [K] of the round that ends after `step` (0-based)."""
+    if not (self.budget or self.fail_prob > 0 or self.schedule):
+      return self.uniform
+    w = faults.round_weights(step // self.round_steps, self.layout.num_workers, seed=self.seed,
+                             fail_prob=self.fail_prob, schedule=self.schedule)
+    if self.budget:  # steps done in this round (a last, incomplete round is shorter)
+      w = w * np.minimum(self.steps, step % self.round_steps + 1).astype(np.float32)
+    # The same on every process: no cross-host equality check.
+    return mesh_lib.put_global(w.astype(np.float32), self.layout.per_worker)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -270,9 +290,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   prefetch = data.Prefetcher(s.dataset, start_step=start, depth=c.data.prefetch)
   batch = s.device_batch(start, next(prefetch)[1])
   weights = local_sgd.uniform_weights(s.layout)
+  hier = s.cluster_sync is not None
+  rounds = Rounds(c, s.layout, c.local_sgd.cluster_sync_every if hier else H)
   # Compile ahead of time; the compiled programs also tell the bytes their collectives move.
   t0 = time.perf_counter()
-  step_fn = s.train_step.lower(state, batch).compile()
+  step_fn = s.train_step.lower(state, batch, *rounds.step_args(start)).compile()
   step_comm = comm.CommStats.of(comm.collectives(step_fn, s.layout.mesh))
   sync_fn, sync_comm = None, comm.CommStats(0, 0.0, {})
   if s.is_local_sgd:
@@ -289,15 +311,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     sync_comm = comm.CommStats.of(comm.collectives(sync_fn, s.layout.mesh))
     print(f"{tag} hierarchical: {cluster_comm.wire_bytes:,.0f} bytes per device per cluster sync "
           f"(every {H1} steps)", flush=True)
-  sim = sim_clock(c, s.layout, mesh_lib.global_size(abstract.params) // (
-      s.layout.num_workers if s.is_local_sgd else 1), flops_per_token)
+  sim = pricing.sim_clock(c, s.layout, s.model_cfg)
   if sim is not None:
-    sim.seconds = float(meta.get("sim_time", 0.0))
+    sim.load_state_dict(meta.get("sim", {"seconds": meta.get("sim_time", 0.0)}))
   print(f"{tag} compiled in {time.perf_counter() - t0:.1f}s; bytes per device: "
         f"{step_comm.wire_bytes:,.0f} per step, {sync_comm.wire_bytes:,.0f} per outer sync",
         flush=True)
-  fail_schedule = faults.parse_schedule(c.faults.fail_schedule, s.layout.num_workers)
-  with_faults = c.faults.fail_prob > 0 or bool(fail_schedule)
+  memory = pricing.memory_report(c, s.layout, s.model_cfg, s.is_local_sgd)
+  if memory is not None:
+    print(f"{tag} memory of one {c.clock.device} worker device: {memory.verdict}", flush=True)
+  if rounds.budget:
+    print(f"{tag} budget policy: inner steps per round by worker {rounds.steps.tolist()}",
+          flush=True)
   poison = jax.jit(lambda st: st._replace(params=jax.tree.map(
       lambda x: x.at[c.faults.nan_worker].set(jnp.nan), st.params)), donate_argnums=0)
 
@@ -352,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "step": step, "data": prefetch.state_dict(step), "comm_bytes": comm_bytes,
         "skipped_rounds": float(skipped_rounds), "tokenizer": tokenizers.describe(s.tokenizer),
         "sim_time": sim.seconds if sim is not None else 0.0,
+        "sim": sim.state_dict() if sim is not None else {},
         "config": json.loads(c.to_json_best_effort())})
     last_good = step
 
@@ -364,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for step in range(start, total):
         if step == c.faults.nan_step:
           state = poison(state)  # fault injection: one worker's parameters become NaN
-        state, m = step_fn(state, batch)
+        state, m = step_fn(state, batch, *rounds.step_args(step))
         comm_bytes += step_comm.wire_bytes
         if sim is not None:
           sim.step()
@@ -373,12 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         glob = sync_fn is not None and ((step + 1) % H == 0 or last)
         if glob or (cluster_fn is not None and (step + 1) % H1 == 0):
           # A last, incomplete round still ends with a sync so the run yields one global model.
-          w = weights
-          if with_faults:
-            w = mesh_lib.put_global(  # the same on every process: no cross-host equality check
-                faults.round_weights(step // H1, s.layout.num_workers, seed=c.seed,
-                                     fail_prob=c.faults.fail_prob, schedule=fail_schedule),
-                s.layout.per_worker)
+          w = rounds.weights(step)
           cluster_diag = {}
           if cluster_fn is not None:  # the clusters' own outer step (also before a global one)
             state, cluster_diag = cluster_fn(state, w)
@@ -402,6 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  "flops": (step + 1) * tokens_per_step * flops_per_token}
         if sim is not None:
           extra["sim_time"] = sim.seconds
+          extra["sim_utilisation"] = sim.utilisation
         if s.is_local_sgd:
           extra["skipped_rounds"] = skipped_rounds
         want_eval = last or (c.train.eval_every and (step + 1) % c.train.eval_every == 0)
@@ -452,8 +474,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "train_seconds": train_time, "resumed_from": start,
       "comm_bytes": comm_bytes, "comm_bytes_per_step": step_comm.wire_bytes,
       "comm_bytes_per_sync": sync_comm.wire_bytes, "export": export_dir,
-      "sim_time": sim.seconds if sim is not None else None,
+      **({"sim_time": sim.seconds, "sim_comm_time": sim.comm_seconds,
+          "sim_utilisation": sim.utilisation} if sim is not None else {"sim_time": None}),
   }
+  if memory is not None:
+    results.update(memory_fits=memory.fits, memory_gb=memory.total / 1e9,
+                   memory_capacity_gb=memory.capacity / 1e9)
   if s.is_local_sgd:
     results["skipped_rounds"] = float(skipped_rounds)
   if jax.process_index() == 0:

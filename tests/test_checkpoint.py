@@ -14,28 +14,14 @@ import numpy as np
 import pytest
 
 from lsgd_jax import checkpoint, train
-from lsgd_jax.config import base_config
+from conftest import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("tokens_per_sec",)  # wall-clock figures differ between any two runs
 
 
 def _config(steps=30, **kw):
-  c = base_config()
-  c.model.size, c.model.max_seq_len = "cpu-tiny", 64
-  c.data.seq_len, c.data.tokenizer = 32, "byte"
-  c.train.steps, c.train.global_batch, c.train.log_every = steps, 16, 5
-  c.train.eval_every, c.train.eval_batches, c.train.eval_batch = 10, 1, 16
-  c.optim.warmup_steps = 2
-  c.local_sgd.num_workers, c.local_sgd.sync_every = 4, 10
-  c.checkpoint.every_minutes = 0
-  for key, value in kw.items():
-    section, name = key.split("__") if "__" in key else (None, key)
-    if section:
-      c[section][name] = value
-    else:
-      c[name] = value
-  return c
+  return small_config(steps, **kw)
 
 
 def _records(workdir):
@@ -146,7 +132,7 @@ def test_nan_worker_skip_policy_skips_the_round_and_recovers(tmp_path):
 def test_worker_failures_are_finite_and_repeatable(tmp_path):
   c = _config(faults__fail_prob=0.5, faults__fail_schedule="0:0,0:1,0:2,0:3")
   a = train.train_and_evaluate(c, str(tmp_path / "a"))
-  b = train.train_and_evaluate(c, str(tmp_path / "b"))
+  train.train_and_evaluate(c, str(tmp_path / "b"))
   ra, rb = _records(str(tmp_path / "a")), _records(str(tmp_path / "b"))
   assert ra == rb and np.isfinite(a["eval_loss"])
   syncs = [r for r in ra if "contributing_workers" in r]
