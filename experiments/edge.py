@@ -111,7 +111,8 @@ the {c.clock.model_size or c.model.size} preset processing {c.clock.tokens_per_s
 tokens per worker on a `{dev.name}` ({dev.peak_flops / 1e12:g} TFLOP/s peak at {dev.mfu:.0%} MFU,
 {dev.memory_bytes / 1e9:g} GB) behind a `{c.clock.inter_link}` link ({bw:g} Mbit/s,
 {1e3 * link.latency:g} ms per hop), flat ring all-reduce, no overlap. "Hours to loss" is the
-simulated time until the held-out loss first reaches 1% above the final loss of `local_sgd`
+simulated time until the held-out loss first reaches 1% above the final loss of
+`{rows[0]['reference']}`
 (linear between evaluations; "never" if it does not within the step budget): DDP passes that level
 on its way down, so both algorithms are timed at the same loss.
 
@@ -165,11 +166,12 @@ verdict for its own device and model (`memory of one ... worker device`).
 
 
 def _priced(c) -> tuple[float, float, float, str]:
-  """(synced parameters, FLOPs per token, tokens per device-step, description) the clock prices."""
+  """(synced parameters, FLOPs per token, tokens per device-step, description) the clock prices,
+  for one device per worker (the scenarios' layout)."""
   from lsgd_jax import model  # pylint: disable=import-outside-toplevel
   size = c.clock.model_size or c.model.size
   vocab = 257 if c.data.tokenizer == "byte" else c.data.vocab_size
-  m = model.model_config(size, vocab, c.data.seq_len)
+  m = model.model_config(size, vocab, c.data.seq_len, c.model.tie_embeddings)
   tokens = c.clock.tokens_per_step or (c.train.global_batch * c.data.seq_len
                                        / c.local_sgd.num_workers)
   return (float(model.total_params(m)), model.train_flops_per_token(m, c.data.seq_len),

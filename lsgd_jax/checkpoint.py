@@ -28,6 +28,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lsgd_jax.config import base_config
+
 # Changing one of these makes a saved state mean something else (or not fit): a clear error.
 UNSAFE_KEYS = ("algorithm", "seed", "model.", "data.name", "data.path", "data.tokenizer",
                "data.vocab_size", "data.seq_len", "data.non_iid", "data.dirichlet_alpha",
@@ -50,11 +52,12 @@ def check_compatible(saved: dict, current: ml_collections.ConfigDict) -> list[st
   safe changes (e.g. total steps, log interval) as readable lines."""
   old = _flatten(saved)
   new = _flatten(json.loads(current.to_json_best_effort()))
+  defaults = _flatten(json.loads(base_config().to_json_best_effort()))
   unsafe, safe = [], []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-    if a == b:
-      continue
+    if a == b or (key not in old and key in defaults and b == defaults[key]):
+      continue  # a key added to the schema since the save, at its default: nothing changed
     line = f"{key}: {a!r} -> {b!r}"
     (unsafe if any(key == u or (u.endswith(".") and key.startswith(u))
                    for u in UNSAFE_KEYS) else safe).append(line)

@@ -122,8 +122,8 @@ def summarize(workdir: str, names: Sequence[str], reference: str = "local_sgd") 
   hours until the held-out loss first reaches 1% above the `reference` run's final loss (a level
   DDP passes on its way down, so the two algorithms are compared at the same loss)."""
   curves = {n: read_curve(workdir, n) for n in names}
-  ref = curves.get(reference) or next(iter(curves.values()))
-  target = 1.01 * float(ref.eval_loss[-1])
+  reference = reference if reference in curves else next(iter(curves))
+  target = 1.01 * float(curves[reference].eval_loss[-1])
   rows = []
   for n, cv in curves.items():
     r = cv.results
@@ -133,7 +133,8 @@ def summarize(workdir: str, names: Sequence[str], reference: str = "local_sgd") 
                  "skipped_rounds": r.get("skipped_rounds"), "memory_fits": r.get("memory_fits"),
                  "missed": (1 - np.mean(cv.contributing) / r["num_workers"]
                             if cv.contributing else None),
-                 "target_loss": target, "hours_to_target": cv.time_to(target) / 3600})
+                 "reference": reference, "target_loss": target,
+                 "hours_to_target": cv.time_to(target) / 3600})
   return rows
 
 
@@ -218,14 +219,6 @@ def straggler_table(slowest: Sequence[float], workers: int = 8, sync_every: int 
 
 # ---------------------------------------------------------------------------------------------
 # Plots and the report.
-
-
-def _fmt(v, digits=3) -> str:
-  if v is None:
-    return "-"
-  if isinstance(v, float) and math.isinf(v):
-    return "never"
-  return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
 def plot_scenarios(workdir: str, names: Sequence[str]):

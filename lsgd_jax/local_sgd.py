@@ -231,8 +231,10 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
   no collective over 'worker'); DDP returns the same keys with one entry.
 
   `masked` (local SGD only): `step(state, batch, active [K])`; a worker whose `active` entry is 0
-  keeps its parameters and optimizer state (a slow worker that has used up its round's time
-  budget; its loss is still computed and reported).
+  keeps its parameters and optimizer state (a slow worker that takes no step now; its loss is
+  still computed and reported), except the learning-rate schedule's step count, which follows the
+  run's step so that every worker uses the same learning rate at the same time (Adam's bias
+  correction still counts the worker's own steps).
   """
   _check_algorithm(algorithm)
   if masked and algorithm != "local_sgd":
@@ -252,7 +254,9 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
         keep = lambda new, old: jnp.where(
             active.reshape((-1,) + (1,) * (new.ndim - 1)) > 0, new, old)
         new_params = jax.tree.map(keep, new_params, params)
-        new_opt = jax.tree.map(keep, new_opt, opt_state)
+        new_opt = jax.tree.map(
+            lambda new, old: new if _is_schedule(new) else jax.tree.map(keep, new, old),
+            new_opt, opt_state, is_leaf=_is_schedule)
       return new_params, new_opt, m
 
     specs = (workers, workers, P(layout.worker_axes, data_spec)) + ((workers,) if masked else ())
@@ -280,6 +284,10 @@ def make_train_step(layout: Layout, algorithm: str, loss_fn: LossFn,
     return state, metrics
 
   return jax.jit(train_step, donate_argnums=0)
+
+
+def _is_schedule(x) -> bool:
+  return isinstance(x, optax.ScaleByScheduleState)
 
 
 def _sum_sq(tree) -> jax.Array:

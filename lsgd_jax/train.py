@@ -42,7 +42,8 @@ class Setup:
   tx: Any
   outer_tx: Any
   loss_fn: Callable
-  train_step: Callable  # jitted (state, batch) -> (state, metrics)
+  train_step: Callable  # jitted (state, batch[, active]) -> (state, metrics); `active` [K] under
+  #                       edge.policy "budget" with unequal speeds (see Rounds.step_args)
   outer_sync: Callable | None  # jitted state -> (state, diagnostics); None for DDP
   eval_step: Callable
   cluster_tx: Any = None  # hierarchical local SGD: the in-cluster outer optimizer
@@ -137,12 +138,16 @@ def _budget_policy(c: ml_collections.ConfigDict) -> bool:
 class Rounds:
   """Who contributes what to each outer round: the weights of the outer mean (0 for a failed
   worker; under the budget policy, the inner steps a worker did) and, under the budget policy, the
-  per-step mask of the workers still inside their round's time budget. All pure functions of
+  per-step mask of the workers that take a step. A worker of relative speed v does
+  floor(j v / max v) steps in the first j steps of a round, so its steps are spread through the
+  round and a last, shorter round credits only the steps its time allowed. All pure functions of
   (config, step), so a resumed run does what an uninterrupted one does."""
 
-  def __init__(self, c: ml_collections.ConfigDict, layout: mesh_lib.Layout, round_steps: int):
+  def __init__(self, c: ml_collections.ConfigDict, layout: mesh_lib.Layout, round_steps: int,
+               global_steps: int | None = None):
     k = layout.num_workers
     self.layout, self.round_steps, self.seed = layout, round_steps, c.seed
+    self.global_steps = global_steps  # hierarchical: steps between global syncs (H2)
     self.fail_prob = c.faults.fail_prob
     self.schedule = faults.parse_schedule(c.faults.fail_schedule, k)
     self.speeds = faults.parse_speeds(c.edge.speeds, k, c.seed)
@@ -151,26 +156,50 @@ class Rounds:
     self.uniform = local_sgd.uniform_weights(layout)
     self._masks: dict[bytes, jax.Array] = {}
 
+  @property
+  def weighted(self) -> bool:
+    return self.budget or self.fail_prob > 0 or bool(self.schedule)
+
   def step_args(self, step: int) -> tuple:
     """Extra arguments of the train step at `step`: (active mask,) under the budget policy."""
     if not self.budget:
       return ()
-    active = (step % self.round_steps < self.steps).astype(np.float32)
+    j = step % self.round_steps
+    active = (faults.budget_steps(self.speeds, j + 1) > faults.budget_steps(self.speeds, j))
+    active = active.astype(np.float32)
     key = active.tobytes()
     if key not in self._masks:  # at most H distinct masks: put each on the devices once
       self._masks[key] = mesh_lib.put_global(active, self.layout.per_worker)
     return (self._masks[key],)
 
-  def weights(self, step: int) -> jax.Array:
-    """Outer-mean weights [K] of the round that ends after `step` (0-based)."""
-    if not (self.budget or self.fail_prob > 0 or self.schedule):
-      return self.uniform
+  def host_weights(self, step: int) -> np.ndarray:
+    """Outer-mean weights [K] of the round that ends after `step` (0-based), on the host."""
     w = faults.round_weights(step // self.round_steps, self.layout.num_workers, seed=self.seed,
                              fail_prob=self.fail_prob, schedule=self.schedule)
-    if self.budget:  # steps done in this round (a last, incomplete round is shorter)
-      w = w * np.minimum(self.steps, step % self.round_steps + 1).astype(np.float32)
+    if self.budget:  # the steps each worker did in this round
+      w = w * faults.budget_steps(self.speeds, step % self.round_steps + 1)
+    return w.astype(np.float32)
+
+  def weights(self, step: int) -> jax.Array:
+    if not self.weighted:
+      return self.uniform
     # The same on every process: no cross-host equality check.
-    return mesh_lib.put_global(w.astype(np.float32), self.layout.per_worker)
+    return mesh_lib.put_global(self.host_weights(step), self.layout.per_worker)
+
+  def cluster_weights(self, step: int, ones: jax.Array) -> jax.Array:
+    """Hierarchical runs: the weight [C] of each cluster in the global mean that ends after
+    `step`: the weights of its workers summed over the cluster rounds since the last global sync
+    (0 for a cluster none of whose workers contributed). `ones` where all clusters are equal."""
+    if not self.weighted:
+      return ones
+    h1, h2 = self.round_steps, self.global_steps
+    first = step // h2 * h2
+    ends = sorted({min(r + h1 - 1, step) for r in range(first, step + 1, h1)})
+    total = sum(self.host_weights(e) for e in ends)
+    per_cluster = total.reshape(self.layout.num_clusters, -1).sum(axis=1).astype(np.float32)
+    if np.all(per_cluster == per_cluster[0]) and per_cluster[0] > 0:
+      return ones
+    return mesh_lib.put_global(per_cluster, ones.sharding)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -291,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch = s.device_batch(start, next(prefetch)[1])
   weights = local_sgd.uniform_weights(s.layout)
   hier = s.cluster_sync is not None
-  rounds = Rounds(c, s.layout, c.local_sgd.cluster_sync_every if hier else H)
+  rounds = Rounds(c, s.layout, c.local_sgd.cluster_sync_every if hier else H,
+                  global_steps=H if hier else None)
   # Compile ahead of time; the compiled programs also tell the bytes their collectives move.
   t0 = time.perf_counter()
   step_fn = s.train_step.lower(state, batch, *rounds.step_args(start)).compile()
@@ -404,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if cluster_fn is not None:  # the clusters' own outer step (also before a global one)
             state, cluster_diag = cluster_fn(state, w)
             comm_bytes += cluster_comm.wire_bytes
-            w = cluster_weights
+            w = rounds.cluster_weights(step, cluster_weights)
           if glob:
             state, diag = sync_fn(state, w)
             skipped_rounds = skipped_rounds + diag["outer_skipped"]

@@ -96,6 +96,14 @@ def test_unsafe_config_change_is_rejected(uninterrupted, change, message):
                                 _config(**change))
 
 
+def test_keys_added_to_the_schema_since_a_save_pass_at_their_default():
+  saved = json.loads(_config().to_json_best_effort())
+  del saved["model"]["attention"], saved["edge"]  # a checkpoint written before these keys existed
+  assert checkpoint.check_compatible(saved, _config()) == []
+  with pytest.raises(ValueError, match=r"model.attention: '<absent>' -> 'xla'"):
+    checkpoint.check_compatible(saved, _config(model__attention="xla"))
+
+
 def test_safe_config_change_is_reported(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(_config(steps=20), workdir)

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from lsgd_jax import clock, edge, faults, local_sgd, mesh, model, optim, train
@@ -140,11 +141,12 @@ def test_curve_time_to_interpolates():
 # --- the masked step and whole runs -------------------------------------------------------------
 
 
-def test_masked_step_freezes_inactive_workers_exactly():
-  layout = mesh.make_layout(4)
+@pytest.mark.parametrize("num_devices", [8, 2])  # 1 worker per device group; 2 per device
+def test_masked_step_freezes_inactive_workers_exactly(num_devices):
+  layout = mesh.make_layout(4, num_devices)
   cfg = model.model_config("cpu-tiny", vocab_size=32, max_seq_len=16)
   loss = lambda p, b: model.loss_fn(cfg, p, b)
-  tx = optim.inner_optimizer("adamw", learning_rate=1e-2, total_steps=10, warmup_steps=0)
+  tx = optim.inner_optimizer("adamw", learning_rate=1e-2, total_steps=10, warmup_steps=2)
   init = lambda rng: model.init_params(cfg, rng)
   state0 = lambda: local_sgd.init_state(layout, "local_sgd", init, tx,
                                         optim.outer_optimizer("nesterov"), jax.random.key(0))
@@ -157,13 +159,53 @@ def test_masked_step_freezes_inactive_workers_exactly():
   a, _ = plain(state0(), batch)
   b, _ = masked(state0(), batch, active)
   a, b = jax.device_get(a), jax.device_get(b)
-  for x0, xa, xb in zip(jax.tree.leaves((before.params, before.opt_state)),
-                        jax.tree.leaves((a.params, a.opt_state)),
-                        jax.tree.leaves((b.params, b.opt_state))):
+  is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  sched = lambda st: [x for x in jax.tree.leaves(st.opt_state, is_leaf=is_sched) if is_sched(x)]
+  rest = lambda st: jax.tree.leaves(jax.tree.map(
+      lambda x: None if is_sched(x) else x, st.opt_state, is_leaf=is_sched)) + jax.tree.leaves(
+          st.params)
+  leaves = list(zip(rest(before), rest(a), rest(b)))
+  assert len(leaves) > 10
+  for x0, xa, xb in leaves:
     np.testing.assert_array_equal(xb[[0, 2]], xa[[0, 2]])  # active: the plain step
     np.testing.assert_array_equal(xb[[1, 3]], x0[[1, 3]])  # inactive: untouched
+  # ... except the learning-rate schedule's count, which follows the run for every worker
+  (s0,), (sa,), (sb,) = sched(before), sched(a), sched(b)
+  np.testing.assert_array_equal(sb.count, sa.count)
+  np.testing.assert_array_equal(sb.count, s0.count + 1)
   with pytest.raises(ValueError, match=r"masked train step needs algorithm 'local_sgd'"):
     local_sgd.make_train_step(layout, "ddp", loss, tx, masked=True)
+
+
+def test_rounds_spread_steps_and_weight_the_mean_by_steps_done():
+  c = _config(edge__speeds=SPEEDS, edge__policy="budget")
+  rounds = train.Rounds(c, mesh.make_layout(4), 8)
+  masks = np.array([np.asarray(jax.device_get(rounds.step_args(s)[0])) for s in range(20)])
+  # speed 0.5 steps every second step, 0.25 every fourth: spread through the round
+  np.testing.assert_array_equal(masks[:8, 2], [0, 1, 0, 1, 0, 1, 0, 1])
+  np.testing.assert_array_equal(masks[:8, 3], [0, 0, 0, 1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(masks[:8].sum(0), [8, 8, 4, 2])
+  np.testing.assert_array_equal(rounds.host_weights(7), [8, 8, 4, 2])
+  np.testing.assert_array_equal(rounds.host_weights(15), [8, 8, 4, 2])
+  # the last round has 4 steps (16..19): only the steps that time allowed
+  np.testing.assert_array_equal(rounds.host_weights(19), [4, 4, 2, 1])
+  np.testing.assert_array_equal(masks[16:].sum(0), [4, 4, 2, 1])
+  # with failures too: a failed worker weighs 0 whatever it did
+  failing = train.Rounds(_config(edge__speeds=SPEEDS, edge__policy="budget",
+                                 faults__fail_schedule="1:2"), mesh.make_layout(4), 8)
+  np.testing.assert_array_equal(failing.host_weights(15), [8, 8, 0, 2])
+
+
+def test_cluster_weights_sum_the_workers_of_each_cluster():
+  layout = mesh.make_layout(4, num_clusters=2)
+  ones = mesh.put_global(np.ones(2, np.float32),
+                         layout.sharding(jax.sharding.PartitionSpec("cluster")))
+  slow = train.Rounds(_config(edge__speeds="1,1,0.1,0.1", edge__policy="budget"), layout, 2,
+                      global_steps=4)
+  # 2 cluster rounds of [2, 2, 0, 0] steps: cluster 0 did 8 steps, cluster 1 none
+  np.testing.assert_array_equal(jax.device_get(slow.cluster_weights(3, ones)), [8, 0])
+  plain = train.Rounds(_config(), layout, 2, global_steps=4)
+  assert plain.cluster_weights(3, ones) is ones
 
 
 def test_worker_too_slow_to_step_equals_a_worker_failing_every_round(tmp_path):
@@ -211,10 +253,21 @@ def test_runs_price_stragglers_uplinks_and_memory(tmp_path):
   nbytes = 2 * 3 / 4 * 4 * model.total_params(s.model_cfg) / 2
   assert slow["sim_time"] - base["sim_time"] == pytest.approx(
       nbytes * (1 / (5e6 / 8) - 1 / (20e6 / 8)), rel=1e-6)
-  assert base["memory_fits"] and base["memory_gb"] < 0.1
+  budget = train.train_and_evaluate(_config(steps=8, edge__speeds=SPEEDS, edge__policy="budget"),
+                                    str(tmp_path / "budget"))
+  # the fastest worker sets the pace; 8, 8, 4, 2 steps at speeds 1, 1, 0.5, 0.25 keep all busy
+  assert budget["sim_time"] == pytest.approx(base["sim_time"], rel=1e-9)
+  assert budget["sim_utilisation"] == pytest.approx(base["sim_utilisation"], rel=1e-9)
+  assert budget["eval_loss"] != base["eval_loss"]  # but slow workers trained less
   big = train.train_and_evaluate(_config(steps=3, clock__model_size="800M",
                                          clock__tokens_per_step=16384), str(tmp_path / "big"))
+  m = model.model_config("800M", 257)
+  acts = clock.activation_bytes(m.num_layers, m.d_model, m.num_heads, 32, 16384)
+  # 16 B / parameter (weights, grads, AdamW) + 8 B of outer state split over the worker's 2
+  # devices by the two-stage sync + activations
+  assert big["memory_gb"] == pytest.approx((20 * model.total_params(m) + acts) / 1e9)
   assert not big["memory_fits"]  # an 800M worker does not fit a phone's 8 GB
+  assert base["memory_fits"]
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -249,7 +302,8 @@ def test_edge_binary_trains_scenarios_and_writes_the_report(tmp_path):
   summary = json.loads((out / "summary.json").read_text())
   rows = {r["scenario"]: r for r in summary["scenarios"]}
   assert set(rows) == {"ddp", "stragglers_budget"}
-  assert rows["ddp"]["sim_hours"] > rows["stragglers_budget"]["sim_hours"] > 0  # 5x the syncs
+  # DDP all-reduces every step, local SGD every 5 steps
+  assert rows["ddp"]["sim_hours"] > rows["stragglers_budget"]["sim_hours"] > 0
   assert "| stragglers_budget |" in (out / "README.md").read_text()
   bad = subprocess.run(cmd[:4] + [f"--workdir={tmp_path / 'x'}", "--scenarios=lan"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
