@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from lsgd_jax import checkpoint, comm, data, faults, local_sgd, model, optim, tokenizers
+from lsgd_jax import checkpoint, data, local_sgd, model, optim, tokenizers
 from lsgd_jax import distributed, pricing
+from lsgd_jax import rounds as rounds_lib
 from lsgd_jax import mesh as mesh_lib
 from lsgd_jax import metrics as metrics_lib
 from lsgd_jax.config import validate
@@ -43,7 +44,7 @@ class Setup:
   outer_tx: Any
   loss_fn: Callable
   train_step: Callable  # jitted (state, batch[, active]) -> (state, metrics); `active` [K] under
-  #                       edge.policy "budget" with unequal speeds (see Rounds.step_args)
+  #                       edge.policy "budget" with unequal speeds (see rounds.Rounds.step_args)
   outer_sync: Callable | None  # jitted state -> (state, diagnostics); None for DDP
   eval_step: Callable
   cluster_tx: Any = None  # hierarchical local SGD: the in-cluster outer optimizer
@@ -120,86 +121,13 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       config=c, layout=layout, dataset=dataset, tokenizer=tokenizer, model_cfg=mcfg, tx=tx,
       outer_tx=outer_tx, loss_fn=loss_fn,
       train_step=local_sgd.make_train_step(layout, c.algorithm, loss_fn, tx,
-                                           masked=_budget_policy(c)),
+                                           masked=rounds_lib.budget_policy(c)),
       outer_sync=(local_sgd.make_outer_sync(layout, outer_tx, c.local_sgd.exact_cosine,
                                             skip_nonfinite=skip)
                   if outer_tx is not None else None),
       eval_step=local_sgd.make_eval_step(layout, loss_fn), cluster_tx=cluster_tx,
       cluster_sync=(local_sgd.make_cluster_sync(layout, cluster_tx, c.local_sgd.exact_cosine,
                                                 skip_nonfinite=skip) if hierarchical else None))
-
-
-def _budget_policy(c: ml_collections.ConfigDict) -> bool:
-  """Whether slow workers do fewer inner steps (local SGD, edge.policy "budget", unequal speeds)."""
-  v = faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
-  return c.algorithm == "local_sgd" and c.edge.policy == "budget" and v.min() < v.max()
-
-
-class Rounds:
-  """Who contributes what to each outer round: the weights of the outer mean (0 for a failed
-  worker; under the budget policy, the inner steps a worker did) and, under the budget policy, the
-  per-step mask of the workers that take a step. A worker of relative speed v does
-  floor(j v / max v) steps in the first j steps of a round, so its steps are spread through the
-  round and a last, shorter round credits only the steps its time allowed. All pure functions of
-  (config, step), so a resumed run does what an uninterrupted one does."""
-
-  def __init__(self, c: ml_collections.ConfigDict, layout: mesh_lib.Layout, round_steps: int,
-               global_steps: int | None = None):
-    k = layout.num_workers
-    self.layout, self.round_steps, self.seed = layout, round_steps, c.seed
-    self.global_steps = global_steps  # hierarchical: steps between global syncs (H2)
-    self.fail_prob = c.faults.fail_prob
-    self.schedule = faults.parse_schedule(c.faults.fail_schedule, k)
-    self.speeds = faults.parse_speeds(c.edge.speeds, k, c.seed)
-    self.budget = _budget_policy(c)
-    self.steps = faults.budget_steps(self.speeds, round_steps) if self.budget else None
-    self.uniform = local_sgd.uniform_weights(layout)
-    self._masks: dict[bytes, jax.Array] = {}
-
-  @property
-  def weighted(self) -> bool:
-    return self.budget or self.fail_prob > 0 or bool(self.schedule)
-
-  def step_args(self, step: int) -> tuple:
-    """Extra arguments of the train step at `step`: (active mask,) under the budget policy."""
-    if not self.budget:
-      return ()
-    j = step % self.round_steps
-    active = (faults.budget_steps(self.speeds, j + 1) > faults.budget_steps(self.speeds, j))
-    active = active.astype(np.float32)
-    key = active.tobytes()
-    if key not in self._masks:  # at most H distinct masks: put each on the devices once
-      self._masks[key] = mesh_lib.put_global(active, self.layout.per_worker)
-    return (self._masks[key],)
-
-  def host_weights(self, step: int) -> np.ndarray:
-    """Outer-mean weights [K] of the round that ends after `step` (0-based), on the host."""
-    w = faults.round_weights(step // self.round_steps, self.layout.num_workers, seed=self.seed,
-                             fail_prob=self.fail_prob, schedule=self.schedule)
-    if self.budget:  # the steps each worker did in this round
-      w = w * faults.budget_steps(self.speeds, step % self.round_steps + 1)
-    return w.astype(np.float32)
-
-  def weights(self, step: int) -> jax.Array:
-    if not self.weighted:
-      return self.uniform
-    # The same on every process: no cross-host equality check.
-    return mesh_lib.put_global(self.host_weights(step), self.layout.per_worker)
-
-  def cluster_weights(self, step: int, ones: jax.Array) -> jax.Array:
-    """Hierarchical runs: the weight [C] of each cluster in the global mean that ends after
-    `step`: the weights of its workers summed over the cluster rounds since the last global sync
-    (0 for a cluster none of whose workers contributed). `ones` where all clusters are equal."""
-    if not self.weighted:
-      return ones
-    h1, h2 = self.round_steps, self.global_steps
-    first = step // h2 * h2
-    ends = sorted({min(r + h1 - 1, step) for r in range(first, step + 1, h1)})
-    total = sum(self.host_weights(e) for e in ends)
-    per_cluster = total.reshape(self.layout.num_clusters, -1).sum(axis=1).astype(np.float32)
-    if np.all(per_cluster == per_cluster[0]) and per_cluster[0] > 0:
-      return ones
-    return mesh_lib.put_global(per_cluster, ones.sharding)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -318,35 +246,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   prefetch = data.Prefetcher(s.dataset, start_step=start, depth=c.data.prefetch)
   batch = s.device_batch(start, next(prefetch)[1])
-  weights = local_sgd.uniform_weights(s.layout)
   hier = s.cluster_sync is not None
-  rounds = Rounds(c, s.layout, c.local_sgd.cluster_sync_every if hier else H,
+  rounds = rounds_lib.Rounds(c, s.layout, c.local_sgd.cluster_sync_every if hier else H,
                   global_steps=H if hier else None)
-  # Compile ahead of time; the compiled programs also tell the bytes their collectives move.
   t0 = time.perf_counter()
-  step_fn = s.train_step.lower(state, batch, *rounds.step_args(start)).compile()
-  step_comm = comm.CommStats.of(comm.collectives(step_fn, s.layout.mesh))
-  sync_fn, sync_comm = None, comm.CommStats(0, 0.0, {})
-  if s.is_local_sgd:
-    sync_fn = s.outer_sync.lower(state, weights).compile()
-    sync_comm = comm.CommStats.of(comm.collectives(sync_fn, s.layout.mesh))
-  cluster_fn, cluster_comm, H1 = None, comm.CommStats(0, 0.0, {}), H
-  if s.cluster_sync is not None:  # hierarchical: every H1 steps inside clusters, every H globally
-    cluster_fn = s.cluster_sync.lower(state, weights).compile()
-    cluster_comm = comm.CommStats.of(comm.collectives(cluster_fn, s.layout.mesh))
-    H1 = c.local_sgd.cluster_sync_every
-    cluster_weights = mesh_lib.put_global(np.ones(s.layout.num_clusters, np.float32),
-                                          s.layout.sharding(jax.sharding.PartitionSpec("cluster")))
-    sync_fn = s.outer_sync.lower(state, cluster_weights).compile()
-    sync_comm = comm.CommStats.of(comm.collectives(sync_fn, s.layout.mesh))
-    print(f"{tag} hierarchical: {cluster_comm.wire_bytes:,.0f} bytes per device per cluster sync "
-          f"(every {H1} steps)", flush=True)
+  progs = rounds_lib.Programs(s, state, batch, rounds)
+  if hier:
+    print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
+          f"sync (every {progs.h1} steps)", flush=True)
   sim = pricing.sim_clock(c, s.layout, s.model_cfg)
   if sim is not None:
     sim.load_state_dict(meta.get("sim", {"seconds": meta.get("sim_time", 0.0)}))
   print(f"{tag} compiled in {time.perf_counter() - t0:.1f}s; bytes per device: "
-        f"{step_comm.wire_bytes:,.0f} per step, {sync_comm.wire_bytes:,.0f} per outer sync",
-        flush=True)
+        f"{progs.step_comm.wire_bytes:,.0f} per step, {progs.sync_comm.wire_bytes:,.0f} per outer "
+        "sync", flush=True)
   memory = pricing.memory_report(c, s.layout, s.model_cfg, s.is_local_sgd)
   if memory is not None:
     print(f"{tag} memory of one {c.clock.device} worker device: {memory.verdict}", flush=True)
@@ -420,28 +333,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for step in range(start, total):
         if step == c.faults.nan_step:
           state = poison(state)  # fault injection: one worker's parameters become NaN
-        state, m = step_fn(state, batch, *rounds.step_args(step))
-        comm_bytes += step_comm.wire_bytes
+        state, m = progs.step(state, batch, *rounds.step_args(step))
+        comm_bytes += progs.step_comm.wire_bytes
         if sim is not None:
           sim.step()
-        diag = None
         last = step + 1 == total
-        glob = sync_fn is not None and ((step + 1) % H == 0 or last)
-        if glob or (cluster_fn is not None and (step + 1) % H1 == 0):
-          # A last, incomplete round still ends with a sync so the run yields one global model.
-          w = rounds.weights(step)
-          cluster_diag = {}
-          if cluster_fn is not None:  # the clusters' own outer step (also before a global one)
-            state, cluster_diag = cluster_fn(state, w)
-            comm_bytes += cluster_comm.wire_bytes
-            w = rounds.cluster_weights(step, cluster_weights)
-          if glob:
-            state, diag = sync_fn(state, w)
+        state, diag, scope, moved = progs.outer_syncs(state, step, last)
+        if scope is not None:
+          comm_bytes += moved
+          if "outer_skipped" in diag:
             skipped_rounds = skipped_rounds + diag["outer_skipped"]
-            comm_bytes += sync_comm.wire_bytes
-          diag = {**(diag or {}), **cluster_diag}
           if sim is not None:  # clock.py prices a global sync with its in-cluster stages
-            sim.sync("global" if glob else "cluster")
+            sim.sync(scope)
         if not last:
           batch = s.device_batch(step + 1, next(prefetch)[1])  # prepared while the device works
         if pending is not None:
@@ -502,8 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "final_train_loss": last_record.get("train_loss"), "eval_loss": eval_loss,
       "tokens_per_sec": (total - start) * tokens_per_step / train_time,
       "train_seconds": train_time, "resumed_from": start,
-      "comm_bytes": comm_bytes, "comm_bytes_per_step": step_comm.wire_bytes,
-      "comm_bytes_per_sync": sync_comm.wire_bytes, "export": export_dir,
+      "comm_bytes": comm_bytes, "comm_bytes_per_step": progs.step_comm.wire_bytes,
+      "comm_bytes_per_sync": progs.sync_comm.wire_bytes, "export": export_dir,
       **({"sim_time": sim.seconds, "sim_comm_time": sim.comm_seconds,
           "sim_utilisation": sim.utilisation} if sim is not None else {"sim_time": None}),
   }

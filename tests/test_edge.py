@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from lsgd_jax import clock, edge, faults, local_sgd, mesh, model, optim, train
+from lsgd_jax import rounds as rounds_lib
 from conftest import small_config
 from lsgd_jax.config import base_config
 
@@ -179,7 +180,7 @@ def test_masked_step_freezes_inactive_workers_exactly(num_devices):
 
 def test_rounds_spread_steps_and_weight_the_mean_by_steps_done():
   c = _config(edge__speeds=SPEEDS, edge__policy="budget")
-  rounds = train.Rounds(c, mesh.make_layout(4), 8)
+  rounds = rounds_lib.Rounds(c, mesh.make_layout(4), 8)
   masks = np.array([np.asarray(jax.device_get(rounds.step_args(s)[0])) for s in range(20)])
   # speed 0.5 steps every second step, 0.25 every fourth: spread through the round
   np.testing.assert_array_equal(masks[:8, 2], [0, 1, 0, 1, 0, 1, 0, 1])
@@ -191,7 +192,7 @@ def test_rounds_spread_steps_and_weight_the_mean_by_steps_done():
   np.testing.assert_array_equal(rounds.host_weights(19), [4, 4, 2, 1])
   np.testing.assert_array_equal(masks[16:].sum(0), [4, 4, 2, 1])
   # with failures too: a failed worker weighs 0 whatever it did
-  failing = train.Rounds(_config(edge__speeds=SPEEDS, edge__policy="budget",
+  failing = rounds_lib.Rounds(_config(edge__speeds=SPEEDS, edge__policy="budget",
                                  faults__fail_schedule="1:2"), mesh.make_layout(4), 8)
   np.testing.assert_array_equal(failing.host_weights(15), [8, 8, 0, 2])
 
@@ -200,11 +201,11 @@ def test_cluster_weights_sum_the_workers_of_each_cluster():
   layout = mesh.make_layout(4, num_clusters=2)
   ones = mesh.put_global(np.ones(2, np.float32),
                          layout.sharding(jax.sharding.PartitionSpec("cluster")))
-  slow = train.Rounds(_config(edge__speeds="1,1,0.1,0.1", edge__policy="budget"), layout, 2,
+  slow = rounds_lib.Rounds(_config(edge__speeds="1,1,0.1,0.1", edge__policy="budget"), layout, 2,
                       global_steps=4)
   # 2 cluster rounds of [2, 2, 0, 0] steps: cluster 0 did 8 steps, cluster 1 none
   np.testing.assert_array_equal(jax.device_get(slow.cluster_weights(3, ones)), [8, 0])
-  plain = train.Rounds(_config(), layout, 2, global_steps=4)
+  plain = rounds_lib.Rounds(_config(), layout, 2, global_steps=4)
   assert plain.cluster_weights(3, ones) is ones
 
 

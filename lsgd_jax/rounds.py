@@ -1,0 +1,136 @@
+"""What happens at the end of each round: who contributes to the outer mean and with what weight
+(`Rounds`: drop-outs, heterogeneous speeds under the "budget" policy), and the compiled programs
+that run the train step and the outer syncs (`Programs`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import ml_collections
+import numpy as np
+
+from lsgd_jax import comm, faults, local_sgd
+from lsgd_jax import mesh as mesh_lib
+
+if TYPE_CHECKING:
+  from lsgd_jax.train import Setup
+
+
+def budget_policy(c: ml_collections.ConfigDict) -> bool:
+  """Whether slow workers do fewer inner steps (local SGD, edge.policy "budget", unequal speeds)."""
+  v = faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
+  return c.algorithm == "local_sgd" and c.edge.policy == "budget" and v.min() < v.max()
+
+
+class Rounds:
+  """Who contributes what to each outer round: the weights of the outer mean (0 for a failed
+  worker; under the budget policy, the inner steps a worker did) and, under the budget policy, the
+  per-step mask of the workers that take a step. A worker of relative speed v does
+  floor(j v / max v) steps in the first j steps of a round, so its steps are spread through the
+  round and a last, shorter round credits only the steps its time allowed. All pure functions of
+  (config, step), so a resumed run does what an uninterrupted one does."""
+
+  def __init__(self, c: ml_collections.ConfigDict, layout: mesh_lib.Layout, round_steps: int,
+               global_steps: int | None = None):
+    k = layout.num_workers
+    self.layout, self.round_steps, self.seed = layout, round_steps, c.seed
+    self.global_steps = global_steps  # hierarchical: steps between global syncs (H2)
+    self.fail_prob = c.faults.fail_prob
+    self.schedule = faults.parse_schedule(c.faults.fail_schedule, k)
+    self.speeds = faults.parse_speeds(c.edge.speeds, k, c.seed)
+    self.budget = budget_policy(c)
+    self.steps = faults.budget_steps(self.speeds, round_steps) if self.budget else None
+    self.uniform = local_sgd.uniform_weights(layout)
+    self._masks: dict[bytes, jax.Array] = {}
+
+  @property
+  def weighted(self) -> bool:
+    return self.budget or self.fail_prob > 0 or bool(self.schedule)
+
+  def step_args(self, step: int) -> tuple:
+    """Extra arguments of the train step at `step`: (active mask,) under the budget policy."""
+    if not self.budget:
+      return ()
+    j = step % self.round_steps
+    active = (faults.budget_steps(self.speeds, j + 1) > faults.budget_steps(self.speeds, j))
+    active = active.astype(np.float32)
+    key = active.tobytes()
+    if key not in self._masks:  # at most H distinct masks: put each on the devices once
+      self._masks[key] = mesh_lib.put_global(active, self.layout.per_worker)
+    return (self._masks[key],)
+
+  def host_weights(self, step: int) -> np.ndarray:
+    """Outer-mean weights [K] of the round that ends after `step` (0-based), on the host."""
+    w = faults.round_weights(step // self.round_steps, self.layout.num_workers, seed=self.seed,
+                             fail_prob=self.fail_prob, schedule=self.schedule)
+    if self.budget:  # the steps each worker did in this round
+      w = w * faults.budget_steps(self.speeds, step % self.round_steps + 1)
+    return w.astype(np.float32)
+
+  def weights(self, step: int) -> jax.Array:
+    if not self.weighted:
+      return self.uniform
+    # The same on every process: no cross-host equality check.
+    return mesh_lib.put_global(self.host_weights(step), self.layout.per_worker)
+
+  def cluster_weights(self, step: int, ones: jax.Array) -> jax.Array:
+    """Hierarchical runs: the weight [C] of each cluster in the global mean that ends after
+    `step`: the weights of its workers summed over the cluster rounds since the last global sync
+    (0 for a cluster none of whose workers contributed). `ones` where all clusters are equal."""
+    if not self.weighted:
+      return ones
+    h1, h2 = self.round_steps, self.global_steps
+    first = step // h2 * h2
+    ends = sorted({min(r + h1 - 1, step) for r in range(first, step + 1, h1)})
+    total = sum(self.host_weights(e) for e in ends)
+    per_cluster = total.reshape(self.layout.num_clusters, -1).sum(axis=1).astype(np.float32)
+    if np.all(per_cluster == per_cluster[0]) and per_cluster[0] > 0:
+      return ones
+    return mesh_lib.put_global(per_cluster, ones.sharding)
+
+
+class Programs:
+  """The run's programs, compiled ahead of time (the compiled programs also tell the bytes their
+  collectives move): the train step, the outer sync, and for hierarchical runs the clusters' sync
+  every H1 steps (the outer sync then runs over clusters every H = H2 steps)."""
+
+  def __init__(self, s: "Setup", state: local_sgd.TrainState, batch: jax.Array, rounds: Rounds):
+    c, mesh = s.config, s.layout.mesh
+    self.rounds, self.h = rounds, c.local_sgd.sync_every
+    stats = lambda fn: comm.CommStats.of(comm.collectives(fn, mesh))
+    none = comm.CommStats(0, 0.0, {})
+    self.step = s.train_step.lower(state, batch, *rounds.step_args(0)).compile()
+    self.step_comm = stats(self.step)
+    self.sync, self.sync_comm = None, none
+    self.cluster, self.cluster_comm, self.h1, self.cluster_ones = None, none, self.h, None
+    weights = local_sgd.uniform_weights(s.layout)
+    if s.cluster_sync is not None:
+      self.cluster = s.cluster_sync.lower(state, weights).compile()
+      self.cluster_comm = stats(self.cluster)
+      self.h1 = c.local_sgd.cluster_sync_every
+      self.cluster_ones = mesh_lib.put_global(
+          np.ones(s.layout.num_clusters, np.float32),
+          s.layout.sharding(jax.sharding.PartitionSpec("cluster")))
+      weights = self.cluster_ones
+    if s.outer_sync is not None:
+      self.sync = s.outer_sync.lower(state, weights).compile()
+      self.sync_comm = stats(self.sync)
+
+  def outer_syncs(self, state, step: int, last: bool):
+    """The syncs due after `step` (0-based): (state, diagnostics, scope or None, bytes moved per
+    device). A last, incomplete round still ends with a global sync, so the run yields one global
+    model."""
+    glob = self.sync is not None and ((step + 1) % self.h == 0 or last)
+    if not (glob or (self.cluster is not None and (step + 1) % self.h1 == 0)):
+      return state, None, None, 0.0
+    w, diag, moved = self.rounds.weights(step), {}, 0.0
+    if self.cluster is not None:  # the clusters' own outer step (also before a global one)
+      state, diag = self.cluster(state, w)
+      moved += self.cluster_comm.wire_bytes
+      w = self.rounds.cluster_weights(step, self.cluster_ones)
+    if glob:
+      state, outer = self.sync(state, w)
+      diag = {**outer, **diag}
+      moved += self.sync_comm.wire_bytes
+    return state, diag, "global" if glob else "cluster", moved
