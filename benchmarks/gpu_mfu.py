@@ -40,7 +40,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from lsgd_jax import local_sgd, mesh, model, optim
+from benchmarks import common
+from lsgd_jax import mesh, model, optim
 
 _SIZES = flags.DEFINE_list("sizes", ["100M", "400M"], "Model presets (lsgd_jax.model.PRESETS).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
@@ -165,23 +166,7 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
     layout = mesh.make_layout(num_workers)
     mesh.check_batch(layout, batch)
     tokens = rng.integers(0, vocab, (num_workers, batch // num_workers, seq_len + 1), np.int32)
-    data = mesh.put_global(tokens, layout.batch)
-    holder = {"s": local_sgd.init_state(layout, algorithm, init, tx,
-                                        outer if algorithm == "local_sgd" else None,
-                                        jax.random.key(0))}
-    step = local_sgd.make_train_step(layout, algorithm, loss, tx)
-    sync = local_sgd.make_outer_sync(layout, outer) if algorithm == "local_sgd" else None
-
-    def run(num_steps, h=None):
-      s = holder["s"]
-      for i in range(num_steps):
-        s, _ = step(s, data)
-        if h and (i + 1) % h == 0:
-          s, _ = sync(s)
-      jax.block_until_ready(s)
-      holder["s"] = s
-
-    return run, holder
+    return common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens)
 
   def row(variant, seconds, times, num_workers):
     tps = tokens_per_step / seconds
@@ -196,8 +181,8 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
             "total_params": model.total_params(cfg), "train_flops_per_token": flops_per_token,
             "rows": [], "workers": {}}
   try:
-    run_ddp, holder = make("ddp", n)
-    sec, times = _timed(run_ddp, steps, reps)
+    runner = make("ddp", n)
+    sec, times = _timed(runner.run, steps, reps)
   except jax.errors.JaxRuntimeError as e:
     if not _out_of_memory(e):
       raise
@@ -205,25 +190,24 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
     return result
   result["rows"].append(row("ddp", sec, times, n))
   ddp = sec
-  del holder, run_ddp  # free the DDP state before K replicas are created
+  runner = None  # free the DDP state before K replicas are created
   for asked in workers:
     k = fit_workers(asked, model.total_params(cfg), n, memory, activations)
     while True:  # the estimate is rough: on out-of-memory halve K and try again
       try:
-        run_lsgd, holder = make("local_sgd", k)
-        sec, times = _timed(run_lsgd, steps, reps)
+        runner = make("local_sgd", k)
+        sec, times = _timed(runner.run, steps, reps)
         # H inner steps and one sync, per step (at least one whole round per timing).
         h_steps = max(sync_every, steps // sync_every * sync_every)
-        sec_h, times_h = _timed(lambda m: run_lsgd(m, sync_every), h_steps, reps)
+        sec_h, times_h = _timed(lambda m: runner.run(m, sync_every), h_steps, reps)
         break
       except jax.errors.JaxRuntimeError as e:
-        run_lsgd = holder = None
+        runner = None
         if not _out_of_memory(e) or k == 1:
           raise
         k //= 2
         log(f"{size}: out of memory with K = {2 * k}; trying K = {k}")
-    run_lsgd = None  # free the K replicas before the next K
-    del holder
+    runner = None  # free the K replicas before the next K
     result["rows"].append(row("local_sgd_inner", sec, times, k))
     result["rows"].append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
     result["workers"][str(asked)] = {"measured": k, "inner_over_ddp": sec / ddp,

@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from lsgd_jax import comm, local_sgd, mesh, model, optim  # noqa: E402
+from benchmarks import common  # noqa: E402
+from lsgd_jax import comm, mesh, model, optim  # noqa: E402
 
 _SIZE = flags.DEFINE_string("size", "cpu-small", "Model preset.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -70,27 +71,9 @@ def main(_):
     jax.block_until_ready(v)
     plain["params"], plain["opt"] = p, o
 
-  def lifted(algorithm, layout):
-    state = {"s": local_sgd.init_state(layout, algorithm, init, tx,
-                                       outer if algorithm == "local_sgd" else None,
-                                       jax.random.key(0))}
-    batch = jax.device_put(tokens, layout.batch)
-    step = local_sgd.make_train_step(layout, algorithm, loss, tx)
-    sync = local_sgd.make_outer_sync(layout, outer) if algorithm == "local_sgd" else None
-
-    def run(n, sync_every=None):
-      s = state["s"]
-      for i in range(n):
-        s, m = step(s, batch)
-        if sync_every and (i + 1) % sync_every == 0:
-          s, _ = sync(s)
-      jax.block_until_ready(s)
-      state["s"] = s
-
-    return run, step, sync, state, batch
-
-  run_lsgd, _, _, _, _ = lifted("local_sgd", one)
-  run_ddp, _, _, _, _ = lifted("ddp", one)
+  lifted = lambda algorithm, layout: common.mesh_run(layout, algorithm, init, loss, tx, outer,
+                                                     tokens)
+  run_lsgd, run_ddp = lifted("local_sgd", one).run, lifted("ddp", one).run
   variants = {
       "plain optax loop (1 replica, batch B)": lambda n: run_plain(n),
       f"local SGD inner step (K={k}, B/K each)": lambda n: run_lsgd(n),
@@ -113,11 +96,10 @@ def main(_):
 
   # --- bytes per token from the programs compiled for K workers on K devices ---
   spread = mesh.make_layout(k)
-  _, l_step, l_sync, l_state, l_batch = lifted("local_sgd", spread)
-  _, d_step, _, d_state, d_batch = lifted("ddp", spread)
-  lsgd_step_bytes = comm.measure(l_step, l_state["s"], l_batch, mesh=spread.mesh).wire_bytes
-  lsgd_sync_bytes = comm.measure(l_sync, l_state["s"], mesh=spread.mesh).wire_bytes
-  ddp_bytes = comm.measure(d_step, d_state["s"], d_batch, mesh=spread.mesh).wire_bytes
+  lr, dr = lifted("local_sgd", spread), lifted("ddp", spread)
+  lsgd_step_bytes = comm.measure(lr.step, lr.state, lr.batch, mesh=spread.mesh).wire_bytes
+  lsgd_sync_bytes = comm.measure(lr.sync, lr.state, mesh=spread.mesh).wire_bytes
+  ddp_bytes = comm.measure(dr.step, dr.state, dr.batch, mesh=spread.mesh).wire_bytes
 
   rows = []
   for name, v in med.items():
