@@ -81,9 +81,9 @@ def report(c, workdir: str, names: list[str], out: str) -> str:
                       f"{'fits' if r[d]['fits'] else '**no**'} ({r[d]['gb']:.1f} GB)"
                       for d in MEMORY_DEVICES] for r in mem])
   cl = _table(["N", "inter-cluster Gbit/s", "W0 / W1", f"H for {100 * TARGET:.0f}%",
-               "DDP utilisation"],
+               "in-cluster all-reduce / compute", "DDP utilisation"],
               [[f"{r['params']:.0e}", f"{r['inter_gbit']:g}", f"{r['bandwidth_ratio']:,.0f}",
-                "unreachable" if math.isinf(r["h_needed"]) else f"{math.ceil(r['h_needed'])}",
+                _h(r["h_needed"]), _fmt_pct(r["step_comm_share"]),
                 f"{100 * r['ddp_utilisation']:.1f}%"] for r in clusters])
   up = _table(["uplink Mbit/s", "DDP"] + [f"H = {h}" for h in UPLINK_H]
                + ["H for 50%", "H for 90%"],
@@ -134,7 +134,8 @@ Clusters of 8 H100s (NVLink inside a node, one cluster = one worker, 4 clusters)
 GPU per step, 6N FLOPs per token at 40% MFU, fp32 pseudo-gradients with the two-stage sync (each
 GPU sends 1/8 of them over the inter-cluster link), 20 ms per inter-cluster hop. H is the number of
 inner steps between outer syncs that keeps the GPUs computing {100 * TARGET:.0f}% of the time
-(`clock.sync_every_needed`); W0 / W1 is the intra-node over the inter-cluster bandwidth.
+(`clock.sync_every_needed`); W0 / W1 is the intra-node over the inter-cluster bandwidth; the
+in-cluster all-reduce of every inner step (NVLink) is given as a share of the step's compute.
 
 ![H needed against bandwidth](multi_cluster.png)
 

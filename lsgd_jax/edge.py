@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from lsgd_jax import clock
+from lsgd_jax import clock, report
 
 # Two slow workers out of eight: one at half speed, one at a quarter (a phone that throttles, an
 # older phone); the round under "wait" lasts as long as the quarter-speed worker's H steps.
@@ -176,8 +176,11 @@ def cluster_table(params: Sequence[float], inter_gbit: Sequence[float], *, clust
       ddp = clock.Run("ddp", **kw)
       h = clock.sync_every_needed(target, lsgd, device, net)
       ratio = net.worker.bandwidth / net.inter.bandwidth
+      step_share = (clock.step_comm(lsgd, net).time(net)
+                    / clock.compute_time(tokens_per_step, 6 * n, device))
       rows.append({"params": n, "inter_gbit": g, "bandwidth_ratio": ratio,
-                   "h_needed": h, "ddp_utilisation": clock.utilisation(ddp, device, net)})
+                   "h_needed": h, "step_comm_share": step_share,
+                   "ddp_utilisation": clock.utilisation(ddp, device, net)})
   return rows
 
 
@@ -223,14 +226,12 @@ def straggler_table(slowest: Sequence[float], workers: int = 8, sync_every: int 
 
 def plot_scenarios(workdir: str, names: Sequence[str]):
   """Eval loss against simulated wall clock, one panel per group of `GROUPS`."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   groups = [(t, [n for n in g if n in names]) for t, g in GROUPS]
   groups = [(t, g) for t, g in groups if len(g) > 1]
   cols = 2
   rows = max(1, math.ceil(len(groups) / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+  fig = report.new_figure((6 * cols, 4 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax, (title, group) in zip(axes.flat, groups):
     for n in group:
       cv = read_curve(workdir, n)
@@ -250,10 +251,8 @@ def plot_scenarios(workdir: str, names: Sequence[str]):
 
 
 def plot_clusters(rows: list[dict], target: float):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = report.new_figure((6, 4))
+  ax = fig.subplots()
   for n in sorted({r["params"] for r in rows}):
     pts = [(r["inter_gbit"], r["h_needed"]) for r in rows
            if r["params"] == n and math.isfinite(r["h_needed"])]
@@ -270,10 +269,8 @@ def plot_clusters(rows: list[dict], target: float):
 
 
 def plot_stragglers(rows: list[dict]):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = report.new_figure((6, 4))
+  ax = fig.subplots()
   v = [r["slowest"] for r in rows]
   ax.plot(v, [r["wait_utilisation"] for r in rows], marker="o", label="wait for the slowest")
   ax.plot(v, [r["budget_utilisation"] for r in rows], marker="s", label="fixed round time")

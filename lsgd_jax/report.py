@@ -233,9 +233,10 @@ def _band(ax, fit: scaling.PowerLawFit, xs: np.ndarray, color: str, label: str) 
   ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
 
 
-def _figure():
+def new_figure(figsize=(6.4, 4.6)) -> "Figure":
+  """A matplotlib Figure of its own (no pyplot state, nothing to close, any backend)."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  return Figure(figsize=(6.4, 4.6))
+  return Figure(figsize=figsize)
 
 
 def _log_y_labels(ax) -> None:
@@ -250,7 +251,7 @@ def _span(x: np.ndarray, pad: float = 1.5) -> np.ndarray:
 
 
 def plot_loss_vs_params(a: Analysis) -> Figure:
-  fig = _figure()
+  fig = new_figure()
   ax = fig.add_subplot()
   for alg, fit in a.fits_n.items():
     col, (lo, hi) = _COLORS.get(alg), fit.intervals["alpha"]
@@ -267,7 +268,7 @@ def plot_loss_vs_params(a: Analysis) -> Figure:
 
 
 def plot_frontier(a: Analysis) -> Figure:
-  fig = _figure()
+  fig = new_figure()
   ax = fig.add_subplot()
   for alg, fr in a.frontiers.items():
     col = _COLORS.get(alg)
@@ -286,7 +287,7 @@ def plot_frontier(a: Analysis) -> Figure:
 
 def plot_difference(a: Analysis) -> Figure:
   """Local SGD minus DDP per size (mean over seeds, standard error) and from the fitted laws."""
-  fig = _figure()
+  fig = new_figure()
   ax = fig.add_subplot()
   cmp = a.comparison
   n_d, y_d = a.points("ddp", "non_embedding_params"), a.points("ddp", "eval_loss")
@@ -316,7 +317,7 @@ def plot_difference(a: Analysis) -> Figure:
 
 
 def plot_ablation(a: Analysis) -> Figure:
-  fig = _figure()
+  fig = new_figure()
   ax = fig.add_subplot()
   ab = a.ablation
   hs = np.unique(ab["H"])
