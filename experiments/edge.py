@@ -169,14 +169,15 @@ verdict for its own device and model (`memory of one ... worker device`).
 def _priced(c) -> tuple[float, float, float, str]:
   """(synced parameters, FLOPs per token, tokens per device-step, description) the clock prices,
   for one device per worker (the scenarios' layout)."""
-  from lsgd_jax import model  # pylint: disable=import-outside-toplevel
-  size = c.clock.model_size or c.model.size
+  from lsgd_jax import model, pricing  # pylint: disable=import-outside-toplevel
   vocab = 257 if c.data.tokenizer == "byte" else c.data.vocab_size
-  m = model.model_config(size, vocab, c.data.seq_len, c.model.tie_embeddings)
+  trained = model.model_config(c.model.size, vocab, c.data.seq_len, c.model.tie_embeddings)
+  m = pricing.priced_model(c, trained)
   tokens = c.clock.tokens_per_step or (c.train.global_batch * c.data.seq_len
                                        / c.local_sgd.num_workers)
-  return (float(model.total_params(m)), model.train_flops_per_token(m, c.data.seq_len),
-          float(tokens), f"{size}, {model.total_params(m) / 1e6:.1f}M parameters, "
+  n = model.total_params(m)
+  return (float(n), model.train_flops_per_token(m, c.data.seq_len), float(tokens),
+          f"{c.clock.model_size or c.model.size}, {n / 1e6:.1f}M parameters, "
           f"{tokens:,.0f} tokens per step on a {c.clock.device}")
 
 
