@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from lsgd_jax import clock
 
 _SIZE = flags.DEFINE_string("model_size", "10e9", "A lsgd_jax.model preset name (e.g. 100M) or a "
@@ -63,6 +64,48 @@ def model_cost(size: str, seq_len: int, vocab_size: int) -> tuple[float, float, 
   return n, 6.0 * n, f"{n:.3g} parameters, 6N FLOPs per token (attention ignored)"
 
 
+def _numbers(flag, text: str, kind, allowed: str, ok) -> list:
+  """The comma list of --flag as `kind`s, each passing `ok`; ValueError naming the bad item."""
+  items = [t.strip() for t in text.split(",") if t.strip()]
+  if not items:
+    raise ValueError(f"--{flag.name}={text!r} is empty; allowed: a comma list of {allowed}.")
+  out = []
+  for t in items:
+    try:
+      v = kind(t)
+    except ValueError:
+      v = None
+    if v is None or not ok(v):
+      raise ValueError(f"--{flag.name}: {t!r} is not allowed; give a comma list of {allowed}.")
+    out.append(v)
+  return out
+
+
+def check_flags() -> tuple[list[float], list[int]]:
+  """Checks every number flag; returns (targets, H list). One ValueError line per bad value."""
+  finite_pos = lambda v: v is not None and math.isfinite(v) and v > 0
+  for flag, what in ((_SEQ, "an integer >= 1"), (_VOCAB, "an integer >= 1"),
+                     (_TOKENS, "an integer >= 1 tokens per device and step"),
+                     (_WORKERS, "an integer >= 1"), (_DPW, "an integer >= 1"),
+                     (_CLUSTERS, "an integer >= 1 (or unset: one per worker)"),
+                     (_BW, "a number of Gbit/s > 0"), (_BYTES, "a number of bytes > 0"),
+                     (_STEP, "a number of seconds > 0 (or unset)"),
+                     (_MFU, "a fraction in (0, 1] (or unset: the device preset's)")):
+    v = flag.value
+    if v is None and flag.default is None:
+      continue
+    if not finite_pos(v) or flag is _MFU and v > 1:
+      raise ValueError(f"--{flag.name}={v} is not allowed; give {what}.")
+  if _CLUSTERS.value and _WORKERS.value % _CLUSTERS.value:
+    raise ValueError(f"--clusters={_CLUSTERS.value} must divide --workers={_WORKERS.value}.")
+  if _LATENCY.value is not None and not (math.isfinite(_LATENCY.value) and _LATENCY.value >= 0):
+    raise ValueError(f"--latency={_LATENCY.value} is not allowed; give seconds >= 0.")
+  targets = _numbers(_TARGETS, _TARGETS.value, float, "utilisations in (0, 1), e.g. 0.5,0.9",
+                     lambda u: 0 < u < 1)
+  hs = _numbers(_H, _H.value, int, "integers >= 1, e.g. 100,300", lambda h: h >= 1)
+  return targets, hs
+
+
 def _gbit(bytes_per_s: float) -> str:
   if math.isinf(bytes_per_s):
     return "unreachable"
@@ -71,12 +114,9 @@ def _gbit(bytes_per_s: float) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    params, fpt, desc = model_cost(_SIZE.value, _SEQ.value, _VOCAB.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  del argv  # cli.run refuses positional arguments
+  targets, hs = check_flags()
+  params, fpt, desc = model_cost(_SIZE.value, _SEQ.value, _VOCAB.value)
   dev = clock.device(_DEVICE.value)
   if _MFU.value is not None:
     dev = dataclasses.replace(dev, mfu=_MFU.value)
@@ -84,8 +124,6 @@ def main(argv):
   compute = (f"{dev.name}, {dev.peak_flops / 1e12:.4g} TFLOP/s peak x MFU {dev.mfu:.2f}; "
              f"{tokens:,} tokens per device per step")
   if _STEP.value is not None:  # a device that computes one step in exactly --step_time
-    if not _STEP.value > 0:
-      raise app.UsageError(f"--step_time = {_STEP.value} must be > 0 seconds.")
     dev = dataclasses.replace(dev, mfu=1.0, peak_flops=tokens * fpt / _STEP.value)
     compute = f"{dev.name} memory; step time given by --step_time"
   inter = clock.link(_INTER.value)
@@ -94,8 +132,6 @@ def main(argv):
   net = clock.Network.for_device(dev, inter=inter)
   workers, dpw = _WORKERS.value, _DPW.value
   clusters = _CLUSTERS.value or workers
-  targets = [float(t) for t in _TARGETS.value.split(",")]
-  hs = [int(h) for h in _H.value.split(",") if h]
   common = dict(params=params, flops_per_token=fpt, tokens_per_step=tokens,
                 bytes_per_element=_BYTES.value, devices_per_worker=dpw, workers=workers,
                 clusters=clusters, layout=_LAYOUT.value)
@@ -138,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

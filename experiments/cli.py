@@ -1,21 +1,143 @@
-"""What every training binary does around its work: quiet orbax's INFO logs unless --verbosity is
-given, and turn bad input into a one-line message instead of a traceback."""
+"""The one boundary every binary runs inside: `cli.run(main)` instead of `app.run(main)`.
+
+- Bad flags, a config file that is missing or does not load, an unknown config key (with the
+  closest known key), and every error raised by `main` (bad values, unreadable files, orbax and
+  tensorstore failures, a full disk) end in one line `error: ...` on stderr and a non-zero exit
+  (2: flags and config, 1: the rest); no traceback, no usage dump.
+- `--traceback` shows the full traceback instead (for bug reports).
+- A run stopped by SIGTERM / SIGINT exits with 128 + the signal (its checkpoint is saved and the
+  run has said so); re-running the same command resumes.
+- orbax's INFO logs (dozens of lines a run) are quiet unless --verbosity is given.
+"""
+
+from __future__ import annotations
 
 import contextlib
+import difflib
+import re
 import sys
+import traceback
+from typing import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
 
-from lsgd_jax import train
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, print the full Python traceback "
+                               "(for bug reports) instead of one line.")
+
+# Errors that bad input causes: their message is the whole story.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, KeyError, app.UsageError, flags.Error)
+
+
+def _root(e: BaseException) -> BaseException:
+  """The deepest cause of a chain (ml_collections wraps a config file's own error twice)."""
+  seen = set()
+  while e.__cause__ is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__
+  return e
+
+
+def describe(e: BaseException) -> str:
+  """One line for an exception: its message, or that of the error at the root of its chain."""
+  root = _root(e)
+  if isinstance(root, SyntaxError):
+    return f"{root.filename}:{root.lineno}: {root.msg}"
+  if isinstance(root, OSError) and root.filename is not None and root.strerror:
+    return f"{root.filename}: {root.strerror}"
+  errno_line = re.search(r"\[Errno \d+\] ([^:\n]+): '([^'\n]+)'", str(root))
+  if "Failed loading config file" in str(root) and errno_line:
+    return f"config file {errno_line.group(2)}: {errno_line.group(1)}"
+  if isinstance(e, USER_ERRORS) and str(e):
+    text = str(e)
+  else:
+    text = f"{type(root).__name__}: {root}"
+  if isinstance(e, KeyError) and text.startswith(("'", '"')):
+    text = text[1:-1]
+  lines = [l.strip() for l in text.replace("\\n", "\n").splitlines() if l.strip()]
+  return "; ".join(lines) if lines else type(e).__name__
+
+
+def _config_override_message(e: BaseException, argv: list[str]) -> str | None:
+  """'unknown config key train.stepz; did you mean train.steps?' for a bad --config.KEY."""
+  text = str(_root(e)).replace("\\n", "\n")
+  missing = re.search(r"""^[\\'"]*([A-Za-z_]\w*)""", text.strip())
+  if missing is None:
+    return None
+  overrides = []
+  for arg in argv[1:]:
+    m = re.match(r"--?(\w+)\.([\w.]+)(=.*)?$", arg)
+    if m:
+      overrides.append((m.group(1), m.group(2)))
+  for flag, path in overrides:
+    parts = path.split(".")
+    if missing.group(1) not in parts:
+      continue
+    if path.startswith("local_sgd.outer_kwargs."):
+      return (f"--{flag}.{path}: outer_kwargs is set whole, as a dict of the optax optimizer's "
+              f"arguments, e.g. --{flag}.local_sgd.outer_kwargs=\"{{'b1': 0.9}}\".")
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    key = ".".join(parts[:parts.index(missing.group(1)) + 1])
+    if hint:
+      near = ".".join(parts[:parts.index(missing.group(1))] + [hint.group(1)])
+      return f"unknown config key {key} (--{flag}.{path}); did you mean {near}?"
+    return (f"unknown config key {key} (--{flag}.{path}); every key is listed with a comment in "
+            "lsgd_jax/config.py.")
+  return None
+
+
+def _parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  try:
+    rest = flag_values(argv)
+    for name in list(flag_values):  # config files load lazily: load them now, inside the boundary
+      value = flag_values[name].value
+      if type(value).__name__ == "_ErrorConfig":
+        value._ReportError()  # pylint: disable=protected-access
+    return rest
+  except Exception as e:  # noqa: BLE001  (flag parsing runs config files: anything can fail)
+    if "--traceback" in argv:
+      raise
+    message = _config_override_message(e, argv) if not isinstance(e, flags.Error) else None
+    if message is None:
+      message = describe(e)
+    if isinstance(e, flags.Error) and "must have a value other than None" in message:
+      name = re.search(r"--(\w+)", message)
+      message = f"--{name.group(1) if name else '?'} is required; see --help."
+    _exit(message, 2)
+
+
+def _exit(message: str, code: int):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 @contextlib.contextmanager
 def user_errors():
-  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO: dozens of lines a run
-    logging.set_verbosity(logging.WARNING)
+  """Turns any exception in its body into one line and a non-zero exit (see the docstring)."""
+  if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     yield
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:  # the message, no traceback
-    sys.exit(f"error: {e}")
-  except train.Preempted as e:  # the checkpoint is saved; the same command resumes
-    sys.exit(128 + e.signum)
+  except (SystemExit, GeneratorExit):
+    raise
+  except BaseException as e:  # noqa: BLE001  (the boundary: every error ends in one line)
+    signum = getattr(e, "signum", None)
+    if type(e).__name__ == "Preempted" and signum:  # the run printed what happened
+      sys.exit(128 + signum)
+    if isinstance(e, KeyboardInterrupt):
+      _exit("interrupted.", 128 + 2)
+    if flags.FLAGS.is_parsed() and _TRACEBACK.value:
+      raise
+    message = describe(e)
+    if not isinstance(e, USER_ERRORS) and type(e).__name__ != "FailedToLearn":
+      message += " (unexpected: re-run with --traceback for the details and report it)"
+    _exit(message, 1)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)` inside the boundary: flag parsing included, tracebacks behind --traceback."""
+  def guarded(argv):
+    with user_errors():
+      if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+      main(argv)
+  app.run(guarded, flags_parser=_parse_flags)

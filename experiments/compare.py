@@ -4,7 +4,7 @@
 table (final eval loss, tokens/s, bytes communicated) and writes DIR/comparison.png.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, distributed_flags
@@ -18,12 +18,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  with cli.user_errors():
-    distributed_flags.initialize()  # before anything touches devices
-    train.compare_algorithms(_CONFIG.value, _WORKDIR.value, tuple(_ALGORITHMS.value))
+  del argv  # cli.run refuses positional arguments
+  distributed_flags.initialize()  # before anything touches devices
+  train.compare_algorithms(_CONFIG.value, _WORKDIR.value, tuple(_ALGORITHMS.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,7 +16,7 @@ import json
 import math
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -190,17 +190,15 @@ def _fmt_pct(v) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  with cli.user_errors():
-    names = list(_SCENARIOS.value)
-    for n in names:
-      edge.scenario_config(_CONFIG.value, n)  # unknown names fail before any training
-    if not _REPORT_ONLY.value:
-      edge.run_scenarios(_CONFIG.value, _WORKDIR.value, names)
-    report(_CONFIG.value, _WORKDIR.value, names, _OUT.value)
-    print(f"wrote {os.path.join(_OUT.value, 'README.md')}", flush=True)
+  del argv  # cli.run refuses positional arguments
+  names = list(_SCENARIOS.value)
+  for n in names:
+    edge.scenario_config(_CONFIG.value, n)  # unknown names fail before any training
+  if not _REPORT_ONLY.value:
+    edge.run_scenarios(_CONFIG.value, _WORKDIR.value, names)
+  report(_CONFIG.value, _WORKDIR.value, names, _OUT.value)
+  print(f"wrote {os.path.join(_OUT.value, 'README.md')}", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

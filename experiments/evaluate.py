@@ -5,7 +5,7 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from experiments import cli
 from lsgd_jax import train
@@ -15,13 +15,11 @@ flags.mark_flags_as_required(["model"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  with cli.user_errors():
-    result = train.evaluate_exported(_MODEL.value)
+  del argv  # cli.run refuses positional arguments
+  result = train.evaluate_exported(_MODEL.value)
   print(f"eval loss {result['eval_loss']:.4f}  perplexity {result['perplexity']:.2f}")
   print(json.dumps(result))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,10 +13,9 @@ scaling grid and the H ablation but not the outer-optimizer ablation at one size
 per-size tuning would otherwise treat as a hyper-parameter setting.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
+from experiments import cli
 from lsgd_jax import report
 
 _RESULTS = flags.DEFINE_string("results", None, "CSV file with one row per run.")
@@ -35,20 +34,16 @@ flags.mark_flags_as_required(["results", "out"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    cols = report.read_results(_RESULTS.value)
-    if _GRIDS.value:
-      cols = report.select_grids(cols, _GRIDS.value)
-    analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
-                              n_boot=_N_BOOT.value, level=_LEVEL.value, seed=_SEED.value)
-  except (ValueError, FileNotFoundError) as e:  # bad input: the message, not a traceback
-    sys.exit(f"error: {e}")
+  del argv  # cli.run refuses positional arguments
+  cols = report.read_results(_RESULTS.value)
+  if _GRIDS.value:
+    cols = report.select_grids(cols, _GRIDS.value)
+  analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
+                            n_boot=_N_BOOT.value, level=_LEVEL.value, seed=_SEED.value)
   print(analysis.table())
   for path in report.write_report(analysis, _OUT.value, source=_RESULTS.value):
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ overridden, e.g. `--config.sweep.seeds="(0, 1)"`. `--dry_run` prints the plan an
 (`--hardware=8xH100 --mfu=0.4`) without training.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli, distributed_flags
@@ -27,18 +27,16 @@ _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Re-run the runs that d
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  with cli.user_errors():
-    if _DRY_RUN.value:
-      print(sweep.describe(_CONFIG.value, sweep.plan(_CONFIG.value), _HARDWARE.value, _MFU.value))
-      return
-    if not _WORKDIR.value:
-      raise app.UsageError("--workdir is required (except with --dry_run).")
-    distributed_flags.initialize()  # before anything touches devices
-    sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+  del argv  # cli.run refuses positional arguments
+  if _DRY_RUN.value:
+    print(sweep.describe(_CONFIG.value, sweep.plan(_CONFIG.value), _HARDWARE.value, _MFU.value))
+    return
+  if not _WORKDIR.value:
+    raise ValueError("--workdir is required (except with --dry_run): the folder the runs go to.")
+  distributed_flags.initialize()  # before anything touches devices
+  sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -6,26 +6,37 @@ One orbax `CheckpointManager` per run, under `workdir/checkpoints`. Each checkpo
 - `meta`: JSON: the step, the data position, cumulative counters (bytes communicated, skipped
   rounds), the tokenizer's identity and the resolved config.
 
-Resume order (train.py): build the run -> `restore_latest(abstract_state)` -> check the saved
-config against the current one (`check_compatible`) and the tokenizer -> continue at `meta.step`,
-mid-round included (the position in the round is `step % H`). The data stream is a pure function
-of (seed, step) or carries its own position in `meta["data"]`.
+Resume order (train.py): build the run -> `restore_latest(abstract_state, check_meta)`, which
+for the newest checkpoint reads `meta` first and checks the saved config against the current one
+(`check_compatible`: an incompatible change stops the run before any state is read) and that the
+stored shapes fit the run (a mismatch is an error, never "damage"), then restores the state and
+verifies its checksum -> the tokenizer -> continue at `meta.step`, mid-round included (the
+position in the round is `step % H`). The data stream is a pure function of (seed, step) or
+carries its own position in `meta["data"]`.
 
-Orbax writes each checkpoint to a temporary folder and renames it when complete, so a save cut
-short never shows up as a step; a checkpoint damaged afterwards fails to restore and the previous
-one is used, with a warning.
+Integrity: orbax writes each checkpoint to a temporary folder and renames it when complete, so a
+save cut short never shows up as a step (workdir.claim removes the temporaries). `meta` holds a
+checksum of every leaf of the state (`state_checksum`, computed on the devices); a checkpoint
+whose bytes were damaged afterwards either fails to read or fails the checksum, and the previous
+one is used, with a warning. A failed write (a full disk) stops the run with one line naming the
+folder and the space a checkpoint needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import os
+import shutil
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lsgd_jax.config import base_config
@@ -63,9 +74,92 @@ def check_compatible(saved: dict, current: ml_collections.ConfigDict) -> list[st
                    for u in UNSAFE_KEYS) else safe).append(line)
   if unsafe:
     raise ValueError("The checkpoint was written with a different configuration that changes "
-                     "the state's shape or meaning:\n  " + "\n  ".join(unsafe) +
-                     "\nUse a new workdir for the new configuration, or restore the old values.")
+                     "the state's shape or meaning: " + "; ".join(unsafe) +
+                     ". Use a new workdir for the new configuration, or restore the old values.")
   return safe
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint or export could not be written (e.g. the disk is full)."""
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The raw bits of an array as uint32 (one value per element)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = x.dtype.itemsize
+  if size == 8:  # two words per element
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+                                      ).astype(jnp.uint32)
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+  out = []
+  for x in leaves:
+    b = _bits(x).reshape(-1)
+    weight = 2 * jnp.arange(b.size, dtype=jnp.uint32) + 1  # odd: each element counts, by place
+    out.append(jnp.sum(b * weight, dtype=jnp.uint32))  # integer sums wrap: order-independent
+  return out
+
+
+def state_checksum(state: Any) -> list[int]:
+  """One uint32 per leaf of `state`: a position-weighted sum of its bits, computed on the
+  devices (every process gets the same numbers). Identical states give identical sums."""
+  leaves = jax.tree.leaves(state)
+  return [int(v) for v in jax.device_get(_checksums(leaves))]
+
+
+def _nbytes(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                 if hasattr(x, "dtype")))
+
+
+def _size(n: float) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.1f} {unit}"
+  return f"{n:.0f} B"
+
+
+def _first_line(e: BaseException) -> str:
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def write_error(what: str, directory: str, needed: int, e: BaseException) -> CheckpointWriteError:
+  """The one-line error of a failed write: where, why, and the space needed and free."""
+  try:
+    where = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    free = f"{_size(shutil.disk_usage(where).free)} free there"
+  except OSError:
+    free = "free space unknown"
+  return CheckpointWriteError(f"cannot write {what} to {directory} ({_first_line(e)}); it needs "
+                              f"about {_size(needed)} ({free}). Free some space (or fix the "
+                              "folder) and re-run the same command to resume.")
+
+
+def _shape_mismatch(stored: Any, abstract: Any) -> str | None:
+  """'leaf PATH: stored (a, b) vs this run (c, d)' for the first leaf that differs, or None."""
+  def flat(tree):  # NamedTuple fields and dict keys read alike: ['params']['w']
+    return {re.sub(r"\.(\w+)", r"['\1']", jax.tree_util.keystr(k)): v
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  try:
+    flat_s, flat_a = flat(stored), flat(abstract)
+  except Exception:  # noqa: BLE001  (unreadable metadata: the restore itself will say)
+    return None
+  if len(flat_s) != len(flat_a):
+    return f"the stored state has {len(flat_s)} arrays, this run's {len(flat_a)}"
+  for (ks, vs), (ka, va) in zip(sorted(flat_s.items()), sorted(flat_a.items())):
+    shape_s, shape_a = tuple(getattr(vs, "shape", ())), tuple(getattr(va, "shape", ()))
+    if shape_s != shape_a:
+      return f"array {ka}: stored shape {shape_s}, this run's {shape_a}"
+  return None
 
 
 class Checkpointer:
@@ -76,8 +170,11 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.every_steps, self.every_minutes = every_steps, every_minutes
     self._last_time = time.monotonic()
+    self._needed = 0  # bytes of the last state saved (for the message of a failed write)
     self.manager = ocp.CheckpointManager(
         self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=async_save))
 
@@ -88,37 +185,86 @@ class Checkpointer:
                                          >= 60 * self.every_minutes)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an (asynchronous) save; every process must call it."""
+    """Starts an (asynchronous) save with the state's checksum in `meta`; every process must
+    call it. A failed write raises CheckpointWriteError (here or at the next save / wait)."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)))
+    self._needed = _nbytes(state)
+    meta = {**meta, "checksum": state_checksum(state)}
+    with self._writing(step):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)))
     self._last_time = time.monotonic()
 
-  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-    """The newest checkpoint that restores; damaged ones are skipped with a warning."""
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Turns a failed write into one CheckpointWriteError and removes its partial folder."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many types)
+      from lsgd_jax import workdir  # pylint: disable=import-outside-toplevel
+      if jax.process_index() == 0:
+        workdir.remove_temporaries(self.directory)
+      what = f"checkpoint {step}" if step is not None else "a checkpoint"
+      raise write_error(what, self.directory, self._needed, e) from None
+
+  def _warn(self, step: int, why: str) -> None:
+    logging.warning("Checkpoint at step %d in %s cannot be used (%s); trying the previous one.",
+                    step, self.directory, why)
+    print(f"WARNING: checkpoint {step} is damaged ({why}); using an older one.", flush=True)
+
+  def restore_latest(self, abstract_state: Any, check_meta=None) -> tuple[Any, dict] | None:
+    """The newest checkpoint that restores intact, or None.
+
+    For each checkpoint, newest first: reads `meta`; `check_meta(meta)` may raise (e.g. an
+    incompatible config: the error stops the resume before any state is read); a stored state
+    whose shapes differ from `abstract_state` raises ValueError (the run does not fit it: not
+    damage); a checkpoint that fails to read or fails its checksum is skipped with a warning.
+    """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"])
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
       except Exception as e:  # noqa: BLE001  (any failure to read means: try the previous one)
-        logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
-                        "previous one.", step, self.directory, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "")
-        print(f"WARNING: checkpoint {step} is damaged ({type(e).__name__}); using an older one.",
-              flush=True)
+        self._warn(step, f"its meta cannot be read: {_first_line(e)}")
+        continue
+      if check_meta is not None:
+        check_meta(meta)
+      try:
+        stored = self.manager.item_metadata(step)["state"]
+      except Exception:  # noqa: BLE001  (old orbax layouts: the restore below decides)
+        stored = None
+      mismatch = _shape_mismatch(stored, abstract_state) if stored is not None else None
+      if mismatch:
+        raise ValueError(f"checkpoint {step} in {self.directory} holds a state of another shape "
+                         f"than this run builds ({mismatch}); the run's layout or code changed "
+                         "(e.g. mesh.num_devices, local_sgd.two_stage). Use a new workdir, or "
+                         "the settings it was written with.")
+      try:
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+      except Exception as e:  # noqa: BLE001
+        self._warn(step, f"{_first_line(e)}")
+        continue
+      if "checksum" in meta and state_checksum(state) != list(meta["checksum"]):
+        self._warn(step, "its state does not match the checksum written with it")
+        continue
+      return state, meta
     return None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for saves in flight and releases the manager; safe to call twice."""
     if self.manager is not None:
-      self.manager.wait_until_finished()
-      self.manager.close()
-      self.manager = None
+      manager, self.manager = self.manager, None
+      try:
+        with self._writing(None):
+          manager.wait_until_finished()
+      finally:
+        manager.close()
 
 
 def abstract_like(tree: Any) -> Any:
@@ -132,14 +278,21 @@ def abstract_like(tree: Any) -> Any:
 
 def export_model(directory: str, params: Any, model_cfg: Any, extra: dict | None = None) -> str:
   """Writes `directory/params` (orbax) and `directory/model.json` (architecture, tokenizer)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
   directory = os.path.abspath(directory)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, "params"), params, force=True)
-  ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    import dataclasses
-    with open(os.path.join(directory, "model.json"), "w") as f:
-      json.dump({"model": dataclasses.asdict(model_cfg), **(extra or {})}, f, indent=2)
+  try:
+    ckptr.save(os.path.join(directory, "params"), params, force=True)
+    ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+      with open(os.path.join(directory, "model.json") + ".tmp", "w") as f:
+        json.dump({"model": dataclasses.asdict(model_cfg), **(extra or {})}, f, indent=2)
+      os.replace(os.path.join(directory, "model.json") + ".tmp",
+                 os.path.join(directory, "model.json"))
+  except Exception as e:  # noqa: BLE001
+    raise write_error("the exported model", directory, _nbytes(params), e) from None
+  finally:
+    ckptr.close()
   return directory
 
 
@@ -152,11 +305,24 @@ def load_model(directory: str):
     raise FileNotFoundError(f"{directory} is not an exported model (no model.json); export one "
                             "with lsgd_jax.checkpoint.export_model or a finished training run's "
                             "workdir/export.")
-  with open(path) as f:
-    info = json.load(f)
-  cfg = model_lib.ModelConfig(**info["model"])
+  try:
+    with open(path) as f:
+      info = json.load(f)
+    cfg = model_lib.ModelConfig(**info["model"])
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{path} is not a valid model description ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}); re-export the model from its run "
+                     "(re-run its training command).") from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # any topology can load it
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0))))
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), abstract)
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    params = ckptr.restore(os.path.join(directory, "params"), abstract)
+  except Exception as e:  # noqa: BLE001  (orbax / tensorstore: truncated or edited files)
+    raise ValueError(f"the parameters in {os.path.join(directory, 'params')} cannot be read "
+                     f"({_first_line(e)}); the export is incomplete or damaged: re-run the "
+                     "training command of its workdir to export it again.") from None
+  finally:
+    ckptr.close()
   return cfg, params, info

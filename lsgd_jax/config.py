@@ -7,6 +7,8 @@ devices or data and raises `ValueError` naming the bad value and what is allowed
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from lsgd_jax import clock, data, faults, local_sgd, model, optim, tokenizers
@@ -67,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_sgd.outer_optimizer = "nesterov"  # "nesterov", "sgd", "average", or an optax name
   c.local_sgd.outer_lr = 0.7         # DiLoCo's default (arXiv 2311.08105)
   c.local_sgd.outer_momentum = 0.9   # DiLoCo's default
-  c.local_sgd.outer_kwargs = ml_collections.ConfigDict()  # extra arguments of an optax optimizer
+  c.local_sgd.outer_kwargs = ml_collections.ConfigDict()  # extra arguments of an optax optimizer,
+  #   set whole: --config.local_sgd.outer_kwargs="{'b1': 0.9}"
   c.local_sgd.exact_cosine = False   # exact pairwise cosine (costs a second parameter all-reduce)
   c.local_sgd.two_stage = "auto"     # outer sync on 1/|data| slices, outer state sharded over
                                      # 'data' (DESIGN.md 4): "auto" (when a worker has several
@@ -147,6 +150,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"local_sgd.num_workers must be at least 1, got {c.local_sgd.num_workers}.")
   if c.train.steps < 1:
     raise ValueError(f"train.steps must be at least 1, got {c.train.steps}.")
+  if c.train.global_batch < 1:
+    raise ValueError(f"train.global_batch={c.train.global_batch}: allowed a positive multiple of "
+                     "num_workers x devices per worker (sequences per step over all workers).")
+  if c.train.eval_batches and c.train.eval_batch < 1:
+    raise ValueError(f"train.eval_batch={c.train.eval_batch}: allowed a positive multiple of "
+                     "num_workers x devices per worker (or train.eval_batches=0: no evaluation).")
+  _validate_rates(c)
   for key in ("log_every", "eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ValueError(f"train.{key} must be non-negative, got {c.train[key]}.")
@@ -167,16 +177,69 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.checkpoint.max_to_keep < 1:
     raise ValueError(f"checkpoint.max_to_keep must be at least 1, got {c.checkpoint.max_to_keep}.")
   _validate_hierarchy(c)
+  if two_stage(c.local_sgd.two_stage) is True:
+    check_outer_layout(c, True)
   if c.algorithm == "local_sgd":  # builds the outer optimizer once to check its name and args
     optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
                           c.local_sgd.outer_momentum, c.local_sgd.outer_kwargs.to_dict())
 
 
+def _positive_finite(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _validate_rates(c: ml_collections.ConfigDict) -> None:
+  """Learning rates are finite and positive; outer_kwargs only go to optax optimizers."""
+  if not _positive_finite(c.optim.lr):
+    raise ValueError(f"optim.lr={c.optim.lr}: allowed a finite learning rate > 0 (e.g. 3e-3).")
+  s = c.local_sgd
+  if c.algorithm == "local_sgd" and s.outer_optimizer != "average":
+    if not _positive_finite(s.outer_lr):
+      raise ValueError(f"local_sgd.outer_lr={s.outer_lr}: allowed a finite learning rate > 0 "
+                       "(DiLoCo: 0.7; 1.0 with momentum 0 is plain averaging).")
+  if s.num_clusters > 1 and s.cluster_outer_optimizer != "average":
+    if not _positive_finite(s.cluster_outer_lr):
+      raise ValueError(f"local_sgd.cluster_outer_lr={s.cluster_outer_lr}: allowed a finite "
+                       "learning rate > 0.")
+  kwargs = s.outer_kwargs.to_dict() if hasattr(s.outer_kwargs, "to_dict") else s.outer_kwargs
+  if not isinstance(kwargs, dict):
+    raise ValueError(f"local_sgd.outer_kwargs={kwargs!r}: allowed a dict of the optax "
+                     "optimizer's arguments, e.g. --config.local_sgd.outer_kwargs=\"{'b1': 0.9}\".")
+  if kwargs and s.outer_optimizer in ("nesterov", "sgd", "average"):
+    raise ValueError(f"local_sgd.outer_kwargs={kwargs} is for optax optimizers (e.g. "
+                     f"outer_optimizer='adam'); '{s.outer_optimizer}' takes none: use outer_lr "
+                     "and outer_momentum.")
+
+
+def two_stage(value) -> str | bool:
+  """local_sgd.two_stage as make_layout takes it: 'auto', True or False. The key holds a string
+  (the default 'auto'), so the command line gives 'True' / 'False'; Python code may give bools."""
+  if isinstance(value, bool) or value == "auto":
+    return value
+  if isinstance(value, str) and value.lower() in ("true", "false"):
+    return value.lower() == "true"
+  raise ValueError(f"local_sgd.two_stage must be 'auto', True or False, got {value!r}.")
+
+
+def check_outer_layout(c: ml_collections.ConfigDict, two_stage: bool) -> None:
+  """The two-stage outer sync (DESIGN.md 4) updates each device's slice of a flattened leaf on its
+  own: only optimizers that act element by element give the same result there."""
+  s = c.local_sgd
+  if c.algorithm != "local_sgd" or not two_stage:
+    return
+  for key in ("outer_optimizer", "cluster_outer_optimizer"):
+    if key == "cluster_outer_optimizer" and s.num_clusters <= 1:
+      continue
+    if s[key] not in optim.ELEMENTWISE_OUTER:
+      raise ValueError(f"local_sgd.{key}={s[key]!r} does not act element by element, so the "
+                       "two-stage outer sync (on when a worker has several devices) would change "
+                       "its result; allowed there: "
+                       f"{', '.join(optim.ELEMENTWISE_OUTER)}; or set local_sgd.two_stage=False.")
+
+
 def _validate_hierarchy(c: ml_collections.ConfigDict) -> None:
   s = c.local_sgd
-  if s.two_stage not in ("auto", True, False) or isinstance(s.two_stage, int) and not isinstance(
-      s.two_stage, bool):
-    raise ValueError(f"local_sgd.two_stage must be 'auto', True or False, got {s.two_stage!r}.")
+  two_stage(s.two_stage)
   if s.num_clusters < 1 or s.num_workers % s.num_clusters:
     raise ValueError(f"local_sgd.num_clusters={s.num_clusters} must divide local_sgd.num_workers="
                      f"{s.num_workers} (each cluster gets an equal share of workers).")

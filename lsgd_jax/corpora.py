@@ -164,6 +164,7 @@ def iter_documents(source: Source) -> Iterator[tuple[str, str]]:
         text = fh.read()
       if not text.strip():
         raise ValueError(f"Corpus file {f!r} has no text.")
+      _check_text(f, text)
       yield text, domain
     elif f.endswith(JSONL_SUFFIXES):
       yield from _jsonl_documents(f, source, domain)
@@ -172,6 +173,20 @@ def iter_documents(source: Source) -> Iterator[tuple[str, str]]:
     else:
       raise ValueError(f"Corpus file {f!r}: unknown type; use .txt, .jsonl(.gz), .json(.gz) "
                        "(JSON lines) or .parquet.")
+
+
+def _check_text(path: str, text: str, sample: int = 1 << 16) -> bool:
+  """Warns (one line) about a file that is mostly not text, e.g. a binary given as a corpus by
+  mistake: more than a fifth of its first 64k characters undecodable as UTF-8 or control
+  characters. Returns whether it looks like text."""
+  head = text[:sample]
+  bad = sum(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\r\t\f\v") for ch in head)
+  if head and bad > 0.2 * len(head):
+    print(f"WARNING: corpus file {path} does not look like text ({100 * bad / len(head):.0f}% of "
+          "its first characters are not UTF-8 text); training on it anyway. Stop the run (Ctrl-C) "
+          "if it is not the corpus you meant.", flush=True)
+    return False
+  return True
 
 
 def _jsonl_documents(f: str, source: Source, domain: str) -> Iterator[tuple[str, str]]:

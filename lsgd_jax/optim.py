@@ -14,6 +14,12 @@ import jax
 import optax
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
+# Outer optimizers whose update of an element depends only on that element's history: they give
+# the same result when the two-stage sync updates each device's slice of a leaf on its own.
+# (lamb, lars, novograd, adafactor, sm3, ... use whole-leaf norms or factored statistics.)
+ELEMENTWISE_OUTER = ("nesterov", "sgd", "average", "adam", "adamw", "nadam", "nadamw", "adamax",
+                     "adamaxw", "amsgrad", "adabelief", "adagrad", "adadelta", "rmsprop", "lion",
+                     "radam", "yogi", "rprop", "adan", "sign_sgd")
 
 
 def lr_schedule(peak_lr: float, total_steps: int, warmup_steps: int,

@@ -134,6 +134,10 @@ class Analysis:
 def analyze(cols: dict[str, np.ndarray], *, form: str = "pure", sync_every: int | None = None,
             n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Analysis:
   """Selects runs, fits L(N), L(D), the L(C) frontier per algorithm, compares the algorithms."""
+  if not (isinstance(n_boot, int) and n_boot >= 2):
+    raise ValueError(f"n_boot={n_boot!r} bootstrap resamples: allowed an integer >= 2 (e.g. 1000).")
+  if not 0 < level < 1:
+    raise ValueError(f"level={level!r}: allowed an interval level in (0, 1), e.g. 0.95.")
   notes = []
   missing = [c for c in REQUIRED_COLUMNS if c not in cols]
   if missing:
