@@ -172,7 +172,7 @@ def _priced(c) -> tuple[float, float, float, str]:
   from lsgd_jax import model, pricing  # pylint: disable=import-outside-toplevel
   vocab = 257 if c.data.tokenizer == "byte" else c.data.vocab_size
   trained = model.model_config(c.model.size, vocab, c.data.seq_len, c.model.tie_embeddings)
-  m = pricing.priced_model(c, trained)
+  m = pricing.priced_model(c.clock.model_size, c.data.seq_len, trained)
   tokens = c.clock.tokens_per_step or (c.train.global_batch * c.data.seq_len
                                        / c.local_sgd.num_workers)
   n = model.total_params(m)

@@ -4,7 +4,8 @@ that run the train step and the outer syncs (`Programs`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import Callable
 
 import jax
 import ml_collections
@@ -13,14 +14,28 @@ import numpy as np
 from lsgd_jax import comm, faults, local_sgd
 from lsgd_jax import mesh as mesh_lib
 
-if TYPE_CHECKING:
-  from lsgd_jax.train import Setup
 
-
-def budget_policy(c: ml_collections.ConfigDict) -> bool:
+def budget_policy(algorithm: str, policy: str, speeds: np.ndarray) -> bool:
   """Whether slow workers do fewer inner steps (local SGD, edge.policy "budget", unequal speeds)."""
-  v = faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
-  return c.algorithm == "local_sgd" and c.edge.policy == "budget" and v.min() < v.max()
+  return algorithm == "local_sgd" and policy == "budget" and speeds.min() < speeds.max()
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+  """The settings `Rounds` follows: the run's seed, injected failures (faults.fail_prob,
+  faults.fail_schedule) and worker speeds (edge.speeds, edge.policy)."""
+
+  algorithm: str = "local_sgd"
+  seed: int = 0
+  fail_prob: float = 0.0
+  fail_schedule: str = ""
+  speeds: str = ""
+  policy: str = "wait"
+
+  @classmethod
+  def of(cls, c: ml_collections.ConfigDict) -> "RoundSpec":
+    return cls(c.algorithm, c.seed, c.faults.fail_prob, c.faults.fail_schedule, c.edge.speeds,
+               c.edge.policy)
 
 
 class Rounds:
@@ -31,15 +46,17 @@ class Rounds:
   round and a last, shorter round credits only the steps its time allowed. All pure functions of
   (config, step), so a resumed run does what an uninterrupted one does."""
 
-  def __init__(self, c: ml_collections.ConfigDict, layout: mesh_lib.Layout, round_steps: int,
-               global_steps: int | None = None):
+  def __init__(self, spec: RoundSpec | ml_collections.ConfigDict, layout: mesh_lib.Layout,
+               round_steps: int, global_steps: int | None = None):
+    if not isinstance(spec, RoundSpec):  # a config: read the settings above from it
+      spec = RoundSpec.of(spec)
     k = layout.num_workers
-    self.layout, self.round_steps, self.seed = layout, round_steps, c.seed
+    self.layout, self.round_steps, self.seed = layout, round_steps, spec.seed
     self.global_steps = global_steps  # hierarchical: steps between global syncs (H2)
-    self.fail_prob = c.faults.fail_prob
-    self.schedule = faults.parse_schedule(c.faults.fail_schedule, k)
-    self.speeds = faults.parse_speeds(c.edge.speeds, k, c.seed)
-    self.budget = budget_policy(c)
+    self.fail_prob = spec.fail_prob
+    self.schedule = faults.parse_schedule(spec.fail_schedule, k)
+    self.speeds = faults.parse_speeds(spec.speeds, k, spec.seed)
+    self.budget = budget_policy(spec.algorithm, spec.policy, self.speeds)
     self.steps = faults.budget_steps(self.speeds, round_steps) if self.budget else None
     self.uniform = local_sgd.uniform_weights(layout)
     self._masks: dict[bytes, jax.Array] = {}
@@ -93,28 +110,34 @@ class Rounds:
 class Programs:
   """The run's programs, compiled ahead of time (the compiled programs also tell the bytes their
   collectives move): the train step, the outer sync, and for hierarchical runs the clusters' sync
-  every H1 steps (the outer sync then runs over clusters every H = H2 steps)."""
+  every H1 = `rounds.round_steps` steps (the outer sync then runs over clusters every
+  H = H2 = `rounds.global_steps` steps; flat runs sync every H = `rounds.round_steps`).
 
-  def __init__(self, s: "Setup", state: local_sgd.TrainState, batch: jax.Array, rounds: Rounds):
-    c, mesh = s.config, s.layout.mesh
-    self.rounds, self.h = rounds, c.local_sgd.sync_every
+  `train_step`, `outer_sync` (None for DDP) and `cluster_sync` (None unless hierarchical) are the
+  jitted functions of `train.Setup`."""
+
+  def __init__(self, layout: mesh_lib.Layout, train_step: Callable, outer_sync: Callable | None,
+               cluster_sync: Callable | None, state: local_sgd.TrainState, batch: jax.Array,
+               rounds: Rounds):
+    mesh = layout.mesh
+    self.rounds, self.h = rounds, rounds.global_steps or rounds.round_steps
     stats = lambda fn: comm.CommStats.of(comm.collectives(fn, mesh))
     none = comm.CommStats(0, 0.0, {})
-    self.step = s.train_step.lower(state, batch, *rounds.step_args(0)).compile()
+    self.step = train_step.lower(state, batch, *rounds.step_args(0)).compile()
     self.step_comm = stats(self.step)
     self.sync, self.sync_comm = None, none
     self.cluster, self.cluster_comm, self.h1, self.cluster_ones = None, none, self.h, None
-    weights = local_sgd.uniform_weights(s.layout)
-    if s.cluster_sync is not None:
-      self.cluster = s.cluster_sync.lower(state, weights).compile()
+    weights = local_sgd.uniform_weights(layout)
+    if cluster_sync is not None:
+      self.cluster = cluster_sync.lower(state, weights).compile()
       self.cluster_comm = stats(self.cluster)
-      self.h1 = c.local_sgd.cluster_sync_every
+      self.h1 = rounds.round_steps
       self.cluster_ones = mesh_lib.put_global(
-          np.ones(s.layout.num_clusters, np.float32),
-          s.layout.sharding(jax.sharding.PartitionSpec("cluster")))
+          np.ones(layout.num_clusters, np.float32),
+          layout.sharding(jax.sharding.PartitionSpec("cluster")))
       weights = self.cluster_ones
-    if s.outer_sync is not None:
-      self.sync = s.outer_sync.lower(state, weights).compile()
+    if outer_sync is not None:
+      self.sync = outer_sync.lower(state, weights).compile()
       self.sync_comm = stats(self.sync)
 
   def outer_syncs(self, state, step: int, last: bool):

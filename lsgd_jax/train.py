@@ -12,8 +12,6 @@ import functools
 import json
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
@@ -23,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from lsgd_jax import checkpoint, data, local_sgd, model, optim, tokenizers
-from lsgd_jax import distributed, pricing
+from lsgd_jax import checkpoint, data, distributed, faults, local_sgd, model, optim, periodic
+from lsgd_jax import pricing, tokenizers
 from lsgd_jax import rounds as rounds_lib
 from lsgd_jax import mesh as mesh_lib
 from lsgd_jax import metrics as metrics_lib
@@ -99,35 +97,43 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   mcfg = model.model_config(c.model.size, dataset.vocab_size, c.model.max_seq_len,
                             c.model.tie_embeddings, c.model.dtype,
                             c.model.attention)
-  tx = optim.inner_optimizer(
-      c.optim.name, learning_rate=c.optim.lr, total_steps=c.train.steps,
-      warmup_steps=c.optim.warmup_steps, final_lr_fraction=c.optim.final_lr_fraction,
-      b1=c.optim.b1, b2=c.optim.b2, weight_decay=c.optim.weight_decay,
-      grad_clip_norm=c.optim.grad_clip or None)
   skip = c.train.on_nonfinite == "skip"
-  if skip:  # a step with non-finite gradients leaves parameters and optimizer state unchanged
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
-  outer_tx = cluster_tx = None
-  if hierarchical:
-    cluster_tx = optim.outer_optimizer(c.local_sgd.cluster_outer_optimizer,
-                                       c.local_sgd.cluster_outer_lr,
-                                       c.local_sgd.cluster_outer_momentum)
-  if c.algorithm == "local_sgd":
-    outer_tx = optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
-                                     c.local_sgd.outer_momentum,
-                                     c.local_sgd.outer_kwargs.to_dict())
+  tx, outer_tx, cluster_tx = _optimizers(c.optim, c.local_sgd, c.algorithm, c.train.steps,
+                                         hierarchical, skip)
+  speeds = faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
   loss_fn = functools.partial(model.loss_fn, mcfg)
   return Setup(
       config=c, layout=layout, dataset=dataset, tokenizer=tokenizer, model_cfg=mcfg, tx=tx,
       outer_tx=outer_tx, loss_fn=loss_fn,
-      train_step=local_sgd.make_train_step(layout, c.algorithm, loss_fn, tx,
-                                           masked=rounds_lib.budget_policy(c)),
+      train_step=local_sgd.make_train_step(
+          layout, c.algorithm, loss_fn, tx,
+          masked=rounds_lib.budget_policy(c.algorithm, c.edge.policy, speeds)),
       outer_sync=(local_sgd.make_outer_sync(layout, outer_tx, c.local_sgd.exact_cosine,
                                             skip_nonfinite=skip)
                   if outer_tx is not None else None),
       eval_step=local_sgd.make_eval_step(layout, loss_fn), cluster_tx=cluster_tx,
       cluster_sync=(local_sgd.make_cluster_sync(layout, cluster_tx, c.local_sgd.exact_cosine,
                                                 skip_nonfinite=skip) if hierarchical else None))
+
+
+def _optimizers(o: ml_collections.ConfigDict, ls: ml_collections.ConfigDict, algorithm: str,
+                total_steps: int, hierarchical: bool, skip_nonfinite: bool):
+  """(inner, outer, in-cluster outer) optimizers from the `optim` and `local_sgd` sections; the
+  outer ones are None where the algorithm has none."""
+  tx = optim.inner_optimizer(
+      o.name, learning_rate=o.lr, total_steps=total_steps, warmup_steps=o.warmup_steps,
+      final_lr_fraction=o.final_lr_fraction, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+      grad_clip_norm=o.grad_clip or None)
+  if skip_nonfinite:  # a step with non-finite gradients leaves parameters and optimizer state
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)  # unchanged
+  outer_tx = cluster_tx = None
+  if hierarchical:
+    cluster_tx = optim.outer_optimizer(ls.cluster_outer_optimizer, ls.cluster_outer_lr,
+                                       ls.cluster_outer_momentum)
+  if algorithm == "local_sgd":
+    outer_tx = optim.outer_optimizer(ls.outer_optimizer, ls.outer_lr, ls.outer_momentum,
+                                     ls.outer_kwargs.to_dict())
+  return tx, outer_tx, cluster_tx
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -137,35 +143,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
-class Preempted(Exception):
-  """Raised after a SIGTERM / SIGINT once the checkpoint is written; re-run to resume."""
-
-  def __init__(self, signum: int, step: int):
-    self.signum, self.step = signum, step
-    super().__init__(f"stopped by signal {signum} at step {step}; a checkpoint was saved: re-run "
-                     "the same command to resume.")
-
-
-class _SignalFlag:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only)."""
-
-  def __init__(self):
-    self.signum = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
+Preempted = periodic.Preempted  # raised after a signal once the checkpoint is written
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -177,39 +155,80 @@ def _truncate_metrics(path: str, step: int) -> None:
     f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
-def _nonfinite(record: dict) -> str | None:
-  for key in ("train_loss", "grad_norm", "pseudo_grad_norm"):
-    v = record.get(key)
-    if v is not None and not math.isfinite(v):
-      return f"{key} = {v}"
-  return None
+def _checkpointer(ck: ml_collections.ConfigDict, workdir: str) -> checkpoint.Checkpointer:
+  """The run's checkpointer, per the `checkpoint` section."""
+  return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=ck.max_to_keep, every_steps=ck.every_steps,
+                                 every_minutes=ck.every_minutes, async_save=ck.async_save)
 
 
-def _restore_or_init(s: Setup, workdir: str, tag: str):
-  """(checkpointer, state, meta, abstract state): the latest restorable checkpoint, or a fresh
-  state with empty meta.
+def _restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer, tag: str):
+  """(state, meta): the latest restorable checkpoint, or a fresh state with empty meta.
 
   Resume order: abstract state -> latest restorable checkpoint -> config and tokenizer checks ->
   data position (the caller then truncates metrics.jsonl to the checkpoint's step).
   """
-  c = s.config
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 max_to_keep=c.checkpoint.max_to_keep,
-                                 every_steps=c.checkpoint.every_steps,
-                                 every_minutes=c.checkpoint.every_minutes,
-                                 async_save=c.checkpoint.async_save)
   abstract = jax.eval_shape(s.init_state)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract, local_sgd.state_shardings(s.layout, abstract))
   restored = ckpt.restore_latest(abstract)
   if restored is None:
-    return ckpt, s.init_state(), {}, abstract
+    return s.init_state(), {}
   state, meta = restored
-  for line in checkpoint.check_compatible(meta["config"], c):
+  for line in checkpoint.check_compatible(meta["config"], s.config):
     print(f"{tag} resuming with a changed setting: {line}", flush=True)
   tokenizers.check_identity(meta["tokenizer"], s.tokenizer)
   s.dataset.load_state_dict(meta["data"])
-  return ckpt, state, meta, abstract
+  return state, meta
+
+
+def _compile(s: Setup, state: local_sgd.TrainState, batch: jax.Array, tag: str):
+  """(rounds, programs): who contributes to each round and the compiled step and syncs."""
+  c = s.config
+  hier = s.cluster_sync is not None
+  rounds = rounds_lib.Rounds(rounds_lib.RoundSpec.of(c), s.layout,
+                             c.local_sgd.cluster_sync_every if hier else c.local_sgd.sync_every,
+                             global_steps=c.local_sgd.sync_every if hier else None)
+  progs = rounds_lib.Programs(s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch,
+                              rounds)
+  if hier:
+    print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
+          f"sync (every {progs.h1} steps)", flush=True)
+  return rounds, progs
+
+
+def _pricing(s: Setup):
+  """(simulated clock, memory report) of the run; both None with clock.device = ""."""
+  c = s.config
+  priced = pricing.priced_model(c.clock.model_size, c.data.seq_len, s.model_cfg)
+  tokens = pricing.tokens_per_device_step(c.clock.tokens_per_step, c.train.global_batch,
+                                          c.data.seq_len, s.layout)
+  speeds = (None if c.edge.speeds == "" else
+            faults.parse_speeds(c.edge.speeds, s.layout.num_workers, c.seed))
+  sim = pricing.sim_clock(c.clock, s.layout, priced, algorithm=c.algorithm,
+                          seq_len=c.data.seq_len, tokens_per_step=tokens,
+                          sync_every=c.local_sgd.sync_every,
+                          cluster_sync_every=c.local_sgd.cluster_sync_every, speeds=speeds,
+                          policy=c.edge.policy)
+  memory = pricing.memory_report(c.clock.device, s.layout, priced, seq_len=c.data.seq_len,
+                                 tokens_per_step=tokens, local_sgd=s.is_local_sgd)
+  return sim, memory
+
+
+def _poison(worker: int) -> Callable:
+  """Fault injection: a jitted state -> state in which `worker`'s parameters are NaN."""
+  return jax.jit(lambda st: st._replace(params=jax.tree.map(
+      lambda x: x.at[worker].set(jnp.nan), st.params)), donate_argnums=0)
+
+
+def _checkpoint_meta(step: int, prefetch: data.Prefetcher, tally: periodic.Tally,
+                     tokenizer: dict, config: dict) -> dict:
+  """The `meta` item of the checkpoint at `step` (see checkpoint.py)."""
+  sim = tally.sim
+  return {"step": step, "data": prefetch.state_dict(step), "comm_bytes": tally.comm_bytes,
+          "skipped_rounds": float(tally.skipped_rounds), "tokenizer": tokenizer,
+          "sim_time": sim.seconds if sim is not None else 0.0,
+          "sim": sim.state_dict() if sim is not None else {}, "config": config}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -222,19 +241,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   s = build(config)
   c = s.config
-  name = name or c.algorithm
-  tag = f"[{name}]"
-  results_path = os.path.join(workdir, "results.json")
+  tag = f"[{name or c.algorithm}]"
   print(f"{tag} {mesh_lib.describe(s.layout)}", flush=True)
-  n_params = model.non_embedding_params(s.model_cfg)
-  flops_per_token = model.train_flops_per_token(s.model_cfg, c.data.seq_len)
-  print(f"{tag} model {c.model.size}: {n_params:,} non-embedding parameters, "
-        f"vocab {s.model_cfg.vocab_size}", flush=True)
-
-  ckpt, state, meta, abstract = _restore_or_init(s, workdir, tag)
+  print(f"{tag} model {c.model.size}: {model.non_embedding_params(s.model_cfg):,} non-embedding "
+        f"parameters, vocab {s.model_cfg.vocab_size}", flush=True)
+  ckpt = _checkpointer(c.checkpoint, workdir)
+  state, meta = _restore_or_init(s, ckpt, tag)
   _write_config(c, workdir)
-  start = int(meta.get("step", 0))
-  total, H = c.train.steps, c.local_sgd.sync_every
+  start, total = int(meta.get("step", 0)), c.train.steps
+  results_path = os.path.join(workdir, "results.json")
   if start >= total and os.path.exists(results_path):
     ckpt.close()
     print(f"{tag} already finished ({start} steps); results in {results_path}", flush=True)
@@ -246,166 +261,118 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   prefetch = data.Prefetcher(s.dataset, start_step=start, depth=c.data.prefetch)
   batch = s.device_batch(start, next(prefetch)[1])
-  hier = s.cluster_sync is not None
-  rounds = rounds_lib.Rounds(c, s.layout, c.local_sgd.cluster_sync_every if hier else H,
-                  global_steps=H if hier else None)
   t0 = time.perf_counter()
-  progs = rounds_lib.Programs(s, state, batch, rounds)
-  if hier:
-    print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
-          f"sync (every {progs.h1} steps)", flush=True)
-  sim = pricing.sim_clock(c, s.layout, s.model_cfg)
-  if sim is not None:
-    sim.load_state_dict(meta.get("sim", {"seconds": meta.get("sim_time", 0.0)}))
-  print(f"{tag} compiled in {time.perf_counter() - t0:.1f}s; bytes per device: "
-        f"{progs.step_comm.wire_bytes:,.0f} per step, {progs.sync_comm.wire_bytes:,.0f} per outer "
-        "sync", flush=True)
-  memory = pricing.memory_report(c, s.layout, s.model_cfg, s.is_local_sgd)
-  if memory is not None:
-    print(f"{tag} memory of one {c.clock.device} worker device: {memory.verdict}", flush=True)
-  if rounds.budget:
-    print(f"{tag} budget policy: inner steps per round by worker {rounds.steps.tolist()}",
-          flush=True)
-  poison = jax.jit(lambda st: st._replace(params=jax.tree.map(
-      lambda x: x.at[c.faults.nan_worker].set(jnp.nan), st.params)), donate_argnums=0)
-
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = metrics_lib.Progress(total, tag)
+  rounds, progs = _compile(s, state, batch, tag)
+  sim, memory = _pricing(s)
+  _print_compiled(tag, time.perf_counter() - t0, progs, rounds, memory, c.clock.device)
   tokens_per_step = c.train.global_batch * c.data.seq_len
-  comm_bytes = float(meta.get("comm_bytes", 0.0))
-  skipped_rounds = jnp.asarray(meta.get("skipped_rounds", 0.0), jnp.float32)
-  pending, last_record, eval_loss = None, {}, None
-  last_good = int(meta["step"]) if meta else None
-  t_log = time.perf_counter()
-  tokens_at_log = start * tokens_per_step
-
-  def flush(p) -> dict:
-    nonlocal t_log, tokens_at_log
-    step, m, diag, extra = p
-    m = mesh_lib.fetch(m)  # per-worker metrics span every process's devices; waits for the step
-    now = time.perf_counter()  # after the wait: the host may run ahead of the devices
-    losses = np.asarray(m["worker_loss"], np.float64)
-    record = {"step": step, "train_loss": float(losses.mean()), **extra,
-              "tokens_per_sec": (extra["tokens"] - tokens_at_log) / max(now - t_log, 1e-9),
-              "grad_norm": float(np.mean(m["grad_norm"]))}
-    if losses.size > 1:
-      record["worker_loss_std"] = float(losses.std())
-      record["worker_loss_range"] = float(losses.max() - losses.min())
-    if "skipped_steps" in m:
-      record["skipped_steps"] = int(np.sum(m["skipped_steps"]))
-    if diag is not None:
-      record.update({k: float(v) for k, v in jax.device_get(diag).items()})
-    if s.is_local_sgd:
-      record["skipped_rounds"] = float(extra.pop("skipped_rounds"))
-    bad = _nonfinite(record)
-    if bad and c.train.on_nonfinite == "stop":
-      where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}"
-               if last_good is not None else "no checkpoint was saved before it")
-      raise FloatingPointError(
-          f"{tag} training diverged: {bad} at step {step}; {where}. Lower optim.lr, or set "
-          "train.on_nonfinite='skip' to skip non-finite steps and rounds.")
-    t_log, tokens_at_log = now, extra["tokens"]
-    return record
-
-  def save(step: int, m, diag) -> None:
-    nonlocal last_good
-    if c.train.on_nonfinite == "stop":  # never keep a diverged state (one host sync per save)
-      probe = {"train_loss": float(np.mean(mesh_lib.fetch(m["worker_loss"]))),
-               "grad_norm": float(np.mean(mesh_lib.fetch(m["grad_norm"])))}
-      if diag is not None:
-        probe["pseudo_grad_norm"] = float(diag.get("pseudo_grad_norm", 0.0))
-      if _nonfinite(probe):
-        return
-    ckpt.save(step, state, {
-        "step": step, "data": prefetch.state_dict(step), "comm_bytes": comm_bytes,
-        "skipped_rounds": float(skipped_rounds), "tokenizer": tokenizers.describe(s.tokenizer),
-        "sim_time": sim.seconds if sim is not None else 0.0,
-        "sim": sim.state_dict() if sim is not None else {},
-        "config": json.loads(c.to_json_best_effort())})
-    last_good = step
-
+  tally = periodic.Tally(meta, sim, tokens_per_step=tokens_per_step,
+                         flops_per_token=model.train_flops_per_token(s.model_cfg, c.data.seq_len),
+                         local_sgd=s.is_local_sgd)
+  writer = metrics_lib.MetricWriter(workdir)
   if start == 0 and c.train.eval_every and c.train.eval_batches:  # start of the eval curve
     writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
-  t_log = t_start = time.perf_counter()
-  m = diag = None
+  clock, t_start = periodic.TrainClock(), time.perf_counter()
   try:
-    with _SignalFlag() as stop:
-      for step in range(start, total):
-        if step == c.faults.nan_step:
-          state = poison(state)  # fault injection: one worker's parameters become NaN
-        state, m = progs.step(state, batch, *rounds.step_args(step))
-        comm_bytes += progs.step_comm.wire_bytes
-        if sim is not None:
-          sim.step()
-        last = step + 1 == total
-        state, diag, scope, moved = progs.outer_syncs(state, step, last)
-        if scope is not None:
-          comm_bytes += moved
-          if "outer_skipped" in diag:
-            skipped_rounds = skipped_rounds + diag["outer_skipped"]
-          if sim is not None:  # clock.py prices a global sync with its in-cluster stages
-            sim.sync(scope)
-        if not last:
-          batch = s.device_batch(step + 1, next(prefetch)[1])  # prepared while the device works
-        if pending is not None:
-          last_record = flush(pending)
-          writer.write(last_record)
-          progress.update(last_record["step"], last_record)
-          pending = None
-        extra = {"tokens": (step + 1) * tokens_per_step, "comm_bytes": comm_bytes,
-                 "flops": (step + 1) * tokens_per_step * flops_per_token}
-        if sim is not None:
-          extra["sim_time"] = sim.seconds
-          extra["sim_utilisation"] = sim.utilisation
-        if s.is_local_sgd:
-          extra["skipped_rounds"] = skipped_rounds
-        want_eval = last or (c.train.eval_every and (step + 1) % c.train.eval_every == 0)
-        if want_eval and c.train.eval_batches:
-          jax.block_until_ready(state)  # the wait for training work counts as training time
-          t_eval = time.perf_counter()
-          eval_loss = s.evaluate(state)
-          extra["eval_loss"] = eval_loss
-          t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
-        if last or want_eval or (c.train.log_every and (step + 1) % c.train.log_every == 0):
-          pending = (step + 1, m, diag, extra)
-        if stop.signum is not None or (not last and ckpt.due(step + 1)):
-          if pending is not None:  # metrics up to the checkpoint are written before it
-            last_record = flush(pending)
-            writer.write(last_record)
-            pending = None
-          save(step + 1, m, diag)
-        if stop.signum is not None:
-          print(f"{tag} stopped by signal {stop.signum} at step {step + 1}: checkpoint saved in "
-                f"{ckpt.directory}; re-run the same command to resume.", flush=True)
-          raise Preempted(stop.signum, step + 1)
+    with periodic.SignalFlag() as stop:
+      evaluation, log, checkpoints = _actions(s, ckpt, stop, writer, prefetch, tally, clock,
+                                              meta, start, tag)
+      next_batch = lambda step: s.device_batch(step, next(prefetch)[1])
+      poison = _poison(c.faults.nan_worker) if c.faults.nan_step >= 0 else None
+      state, end = _loop(progs, rounds, tally, [evaluation, log, checkpoints, periodic.Preemption(
+          stop, tag, ckpt.directory)], state, batch, next_batch, start, total,
+                         poison, c.faults.nan_step)
     jax.block_until_ready(state)
     prefetch.close()
-    if pending is not None:
-      last_record = flush(pending)
-      writer.write(last_record)
-      progress.update(last_record["step"], last_record)
+    log.write_pending()
   except BaseException:
     prefetch.close()
     ckpt.close()  # a save in flight completes: the last good checkpoint is kept
     raise
-
   train_time = time.perf_counter() - t_start
-  save(total, m, diag)
+  checkpoints.save(end or periodic.StepEnd(total, True, state, None, None, tally.point(total)))
+  return _finish(s, workdir, ckpt, state, progs, tally, memory, evaluation.loss, log.last_record,
+                 start, train_time, tag)
+
+
+def _print_compiled(tag: str, seconds: float, progs: rounds_lib.Programs,
+                    rounds: rounds_lib.Rounds, memory, device: str) -> None:
+  print(f"{tag} compiled in {seconds:.1f}s; bytes per device: "
+        f"{progs.step_comm.wire_bytes:,.0f} per step, {progs.sync_comm.wire_bytes:,.0f} per outer "
+        "sync", flush=True)
+  if memory is not None:
+    print(f"{tag} memory of one {device} worker device: {memory.verdict}", flush=True)
+  if rounds.budget:
+    print(f"{tag} budget policy: inner steps per round by worker {rounds.steps.tolist()}",
+          flush=True)
+
+
+def _actions(s: Setup, ckpt: checkpoint.Checkpointer, stop: periodic.SignalFlag,
+             writer: metrics_lib.MetricWriter, prefetch: data.Prefetcher, tally: periodic.Tally,
+             clock: periodic.TrainClock, meta: dict, start: int, tag: str):
+  """The periodic actions but preemption: (evaluation, metrics log, checkpointing)."""
+  t = s.config.train
+  divergence = periodic.Divergence(t.on_nonfinite == "stop", tag, ckpt.directory,
+                                   int(meta["step"]) if meta else None)
+  evaluation = periodic.Evaluation(s.evaluate, t.eval_every, t.eval_batches, clock)
+  log = periodic.MetricsLog(writer, metrics_lib.Progress(t.steps, tag), divergence, clock,
+                            log_every=t.log_every, eval_every=t.eval_every,
+                            tokens=start * tally.tokens_per_step)
+  checkpoints = periodic.Checkpointing(
+      ckpt, stop, log, divergence,
+      functools.partial(_checkpoint_meta, prefetch=prefetch, tally=tally,
+                        tokenizer=tokenizers.describe(s.tokenizer),
+                        config=json.loads(s.config.to_json_best_effort())),
+      probe_nonfinite=t.on_nonfinite == "stop")
+  return evaluation, log, checkpoints
+
+
+def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic.Tally,
+          actions: list, state: local_sgd.TrainState, batch: jax.Array,
+          next_batch: Callable[[int], jax.Array], start: int, total: int,
+          poison: Callable | None, nan_step: int):
+  """Steps `start` .. `total` - 1: the inner step, the outer syncs due, then each periodic action
+  that is due. Returns the final state and what the last step left (None if none ran)."""
+  end = None
+  for step in range(start, total):
+    if step == nan_step:
+      state = poison(state)  # fault injection: one worker's parameters become NaN
+    state, m = progs.step(state, batch, *rounds.step_args(step))
+    tally.inner_step(progs.step_comm.wire_bytes)
+    last = step + 1 == total
+    state, diag, scope, moved = progs.outer_syncs(state, step, last)
+    tally.outer_sync(scope, moved, diag)
+    if not last:
+      batch = next_batch(step + 1)  # prepared while the device works
+    end = periodic.StepEnd(step + 1, last, state, m, diag, tally.point(step + 1))
+    for action in actions:
+      if action.due(end):
+        action(end)
+  return state, end
+
+
+def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_sgd.TrainState,
+            progs: rounds_lib.Programs, tally: periodic.Tally, memory, eval_loss: float | None,
+            last_record: dict, start: int, train_time: float, tag: str) -> dict[str, Any]:
+  """Exports the global model, writes results.json and returns the results."""
+  c = s.config
   export_dir = checkpoint.export_model(
       os.path.join(workdir, "export"), local_sgd.global_params(state), s.model_cfg,
       {"tokenizer": tokenizers.describe(s.tokenizer),
        "config": json.loads(c.to_json_best_effort())})
   ckpt.close()
-
+  total, tokens_per_step, sim = c.train.steps, tally.tokens_per_step, tally.sim
   results = {
-      "algorithm": c.algorithm, "model_size": c.model.size, "non_embedding_params": n_params,
-      "num_workers": s.layout.num_workers, "sync_every": H if s.is_local_sgd else 1,
+      "algorithm": c.algorithm, "model_size": c.model.size,
+      "non_embedding_params": model.non_embedding_params(s.model_cfg),
+      "num_workers": s.layout.num_workers,
+      "sync_every": c.local_sgd.sync_every if s.is_local_sgd else 1,
       "steps": total, "tokens": total * tokens_per_step,
-      "flops": total * tokens_per_step * flops_per_token,
+      "flops": total * tokens_per_step * tally.flops_per_token,
       "final_train_loss": last_record.get("train_loss"), "eval_loss": eval_loss,
       "tokens_per_sec": (total - start) * tokens_per_step / train_time,
       "train_seconds": train_time, "resumed_from": start,
-      "comm_bytes": comm_bytes, "comm_bytes_per_step": progs.step_comm.wire_bytes,
+      "comm_bytes": tally.comm_bytes, "comm_bytes_per_step": progs.step_comm.wire_bytes,
       "comm_bytes_per_sync": progs.sync_comm.wire_bytes, "export": export_dir,
       **({"sim_time": sim.seconds, "sim_comm_time": sim.comm_seconds,
           "sim_utilisation": sim.utilisation} if sim is not None else {"sim_time": None}),
@@ -414,13 +381,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     results.update(memory_fits=memory.fits, memory_gb=memory.total / 1e9,
                    memory_capacity_gb=memory.capacity / 1e9)
   if s.is_local_sgd:
-    results["skipped_rounds"] = float(skipped_rounds)
+    results["skipped_rounds"] = float(tally.skipped_rounds)
   if jax.process_index() == 0:
-    with open(results_path, "w") as f:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   print(f"{tag} done: eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}, "
         f"{metrics_lib.format_count(results['tokens_per_sec'])} tok/s, "
-        f"{metrics_lib.format_count(comm_bytes)}B communicated per device, "
+        f"{metrics_lib.format_count(tally.comm_bytes)}B communicated per device, "
         f"{metrics_lib.format_duration(train_time)}", flush=True)
   return results
 
