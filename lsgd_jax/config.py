@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from lsgd_jax import clock, data, faults, local_sgd, model, optim, tokenizers
+from lsgd_jax import clock, data, faults, local_sgd, model, optim, periodic, tokenizers
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 50      # steps between held-out evaluations (0: only at the end)
   c.train.eval_batches = 4     # held-out batches per evaluation
   c.train.eval_batch = 32      # sequences per held-out batch (a multiple of num_workers x data)
+  c.train.profile_steps = ""   # "START,COUNT": a jax.profiler trace of the 0-based steps START ..
+                               # START+COUNT-1 in workdir/profile (WORKSPACE.md); "": off
 
   c.optim = ml_collections.ConfigDict()  # inner optimizer (local SGD workers) = DDP optimizer
   c.optim.name = "adamw"        # "adamw" or "sgd"
@@ -160,6 +162,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key in ("log_every", "eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ValueError(f"train.{key} must be non-negative, got {c.train[key]}.")
+  periodic.parse_profile_steps(c.train.profile_steps, c.train.steps)
   if c.train.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {c.train.on_nonfinite!r}.")
   if not 0.0 <= c.faults.fail_prob <= 1.0:

@@ -11,6 +11,7 @@ left. An action is a small object with its own state that gets only the values i
   (`Divergence`) reads each record;
 - `Checkpointing`: every `checkpoint.every_steps` steps / `every_minutes` minutes and on a signal,
   never a diverged state;
+- `Profile`: a jax.profiler trace of the steps `train.profile_steps` names, in workdir/profile;
 - `Preemption`: after a SIGTERM / SIGINT, once the checkpoint is written, raises `Preempted`.
 
 The running counts a checkpoint keeps (bytes moved, skipped rounds, the simulated clock) are a
@@ -183,8 +184,9 @@ class MetricsLog:
   def write_pending(self, progress: bool = True) -> None:
     if self.pending is None:
       return
-    record, self.pending = self._record(*self.pending), None
-    self.writer.write(record)
+    step, m, diag, point = self.pending
+    record, self.pending = self._record(step, m, diag, point), None
+    self.writer.write(record, outer=diag.keys() if diag is not None else ())
     if progress:
       self.progress.update(record["step"], record)
     self.last_record = record
@@ -286,3 +288,54 @@ class Preemption:
     print(f"{self.tag} stopped by signal {self.stop.signum} at step {end.step}: checkpoint saved "
           f"in {self.directory}; re-run the same command to resume.", flush=True)
     raise Preempted(self.stop.signum, end.step)
+
+
+def parse_profile_steps(spec: str, total: int) -> tuple[int, int] | None:
+  """(first step, count) of train.profile_steps = "START,COUNT" (0-based steps START ..
+  START + COUNT - 1 of a run of `total` steps); None for "" (off). ValueError for anything else."""
+  if spec == "":
+    return None
+  try:
+    first, count = (int(x) for x in str(spec).split(","))
+  except ValueError:
+    first = count = -1
+  if first < 0 or count < 1 or first + count > total:
+    raise ValueError(f"train.profile_steps={spec!r} must be 'START,COUNT' with START >= 0, "
+                     f"COUNT >= 1 and START + COUNT <= train.steps={total} (e.g. '10,2'), "
+                     "or '' (off).")
+  return first, count
+
+
+class Profile:
+  """Traces steps `first` .. `first + count - 1` with jax.profiler into `directory` (TensorBoard's
+  profile plugin / XProf read it: directory/plugins/profile/<time>/*.xplane.pb). Starts after the
+  step before them (or with `begin` when the run starts at `first`), stops once the last traced
+  step has finished on the devices."""
+
+  def __init__(self, first: int, count: int, directory: str):
+    self.first, self.stop_at, self.directory = first, first + count, directory
+    self.active = False
+
+  def begin(self, step: int) -> None:
+    """Called before the first step of a run (or resumed run) that starts at `step`."""
+    if step == self.first:
+      self._start()
+
+  def _start(self) -> None:
+    jax.profiler.start_trace(self.directory)
+    self.active = True
+
+  def due(self, end: StepEnd) -> bool:
+    return end.step == self.first or (self.active and end.step == self.stop_at)
+
+  def __call__(self, end: StepEnd) -> None:
+    if self.active:
+      jax.block_until_ready(end.state)  # the traced steps' device work is in the trace
+      self.close()
+    else:
+      self._start()
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -235,9 +235,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        name: str | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-  Writes config.json, metrics.jsonl, checkpoints/, export/ (the final global model) and
-  results.json; returns the results. Raises `Preempted` after saving on SIGTERM / SIGINT and
-  FloatingPointError on divergence under `train.on_nonfinite = "stop"`.
+  Writes config.json, metrics.jsonl and TensorBoard events, checkpoints/, export/ (the final
+  global model), results.json and, with train.profile_steps, profile/; returns the results.
+  Raises `Preempted` after saving on SIGTERM / SIGINT and FloatingPointError on divergence under
+  `train.on_nonfinite = "stop"`.
   """
   s = build(config)
   c = s.config
@@ -248,9 +249,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt = _checkpointer(c.checkpoint, workdir)
   state, meta = _restore_or_init(s, ckpt, tag)
   _write_config(c, workdir)
-  start, total = int(meta.get("step", 0)), c.train.steps
+  start = int(meta.get("step", 0))
   results_path = os.path.join(workdir, "results.json")
-  if start >= total and os.path.exists(results_path):
+  if start >= c.train.steps and os.path.exists(results_path):
     ckpt.close()
     print(f"{tag} already finished ({start} steps); results in {results_path}", flush=True)
     with open(results_path) as f:
@@ -265,34 +266,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   rounds, progs = _compile(s, state, batch, tag)
   sim, memory = _pricing(s)
   _print_compiled(tag, time.perf_counter() - t0, progs, rounds, memory, c.clock.device)
-  tokens_per_step = c.train.global_batch * c.data.seq_len
-  tally = periodic.Tally(meta, sim, tokens_per_step=tokens_per_step,
+  tally = periodic.Tally(meta, sim, tokens_per_step=c.train.global_batch * c.data.seq_len,
                          flops_per_token=model.train_flops_per_token(s.model_cfg, c.data.seq_len),
                          local_sgd=s.is_local_sgd)
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, purge_step=start)
   if start == 0 and c.train.eval_every and c.train.eval_batches:  # start of the eval curve
     writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
-  clock, t_start = periodic.TrainClock(), time.perf_counter()
-  try:
-    with periodic.SignalFlag() as stop:
-      evaluation, log, checkpoints = _actions(s, ckpt, stop, writer, prefetch, tally, clock,
-                                              meta, start, tag)
-      next_batch = lambda step: s.device_batch(step, next(prefetch)[1])
-      poison = _poison(c.faults.nan_worker) if c.faults.nan_step >= 0 else None
-      state, end = _loop(progs, rounds, tally, [evaluation, log, checkpoints, periodic.Preemption(
-          stop, tag, ckpt.directory)], state, batch, next_batch, start, total,
-                         poison, c.faults.nan_step)
-    jax.block_until_ready(state)
-    prefetch.close()
-    log.write_pending()
-  except BaseException:
-    prefetch.close()
-    ckpt.close()  # a save in flight completes: the last good checkpoint is kept
-    raise
+  t_start = time.perf_counter()
+  state, end, acts = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds, state, batch,
+                            meta, start, tag)
   train_time = time.perf_counter() - t_start
-  checkpoints.save(end or periodic.StepEnd(total, True, state, None, None, tally.point(total)))
-  return _finish(s, workdir, ckpt, state, progs, tally, memory, evaluation.loss, log.last_record,
-                 start, train_time, tag)
+  acts.checkpoints.save(end or periodic.StepEnd(start, True, state, None, None,
+                                                tally.point(start)))
+  writer.close()
+  return _finish(s, workdir, ckpt, state, progs, tally, memory, acts.evaluation.loss,
+                 acts.log.last_record, start, train_time, tag)
 
 
 def _print_compiled(tag: str, seconds: float, progs: rounds_lib.Programs,
@@ -307,14 +295,27 @@ def _print_compiled(tag: str, seconds: float, progs: rounds_lib.Programs,
           flush=True)
 
 
-def _actions(s: Setup, ckpt: checkpoint.Checkpointer, stop: periodic.SignalFlag,
+class _Actions(NamedTuple):
+  """The periodic actions of a run; `ordered()` is the order the loop calls them in."""
+
+  evaluation: periodic.Evaluation
+  log: periodic.MetricsLog
+  checkpoints: periodic.Checkpointing
+  profile: periodic.Profile | None
+  preemption: periodic.Preemption
+
+  def ordered(self) -> list:
+    return [a for a in (self.evaluation, self.log, self.checkpoints, self.profile,
+                        self.preemption) if a is not None]
+
+
+def _actions(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, stop: periodic.SignalFlag,
              writer: metrics_lib.MetricWriter, prefetch: data.Prefetcher, tally: periodic.Tally,
-             clock: periodic.TrainClock, meta: dict, start: int, tag: str):
-  """The periodic actions but preemption: (evaluation, metrics log, checkpointing)."""
-  t = s.config.train
+             meta: dict, start: int, tag: str) -> _Actions:
+  """The run's periodic actions, from the `train` section."""
+  t, clock = s.config.train, periodic.TrainClock()
   divergence = periodic.Divergence(t.on_nonfinite == "stop", tag, ckpt.directory,
                                    int(meta["step"]) if meta else None)
-  evaluation = periodic.Evaluation(s.evaluate, t.eval_every, t.eval_batches, clock)
   log = periodic.MetricsLog(writer, metrics_lib.Progress(t.steps, tag), divergence, clock,
                             log_every=t.log_every, eval_every=t.eval_every,
                             tokens=start * tally.tokens_per_step)
@@ -324,30 +325,70 @@ def _actions(s: Setup, ckpt: checkpoint.Checkpointer, stop: periodic.SignalFlag,
                         tokenizer=tokenizers.describe(s.tokenizer),
                         config=json.loads(s.config.to_json_best_effort())),
       probe_nonfinite=t.on_nonfinite == "stop")
-  return evaluation, log, checkpoints
+  profile = periodic.parse_profile_steps(t.profile_steps, t.steps)
+  return _Actions(
+      evaluation=periodic.Evaluation(s.evaluate, t.eval_every, t.eval_batches, clock), log=log,
+      checkpoints=checkpoints,
+      profile=(periodic.Profile(*profile, os.path.join(workdir, "profile")) if profile else None),
+      preemption=periodic.Preemption(stop, tag, ckpt.directory))
+
+
+def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data.Prefetcher,
+           writer: metrics_lib.MetricWriter, tally: periodic.Tally, progs: rounds_lib.Programs,
+           rounds: rounds_lib.Rounds, state: local_sgd.TrainState, batch: jax.Array, meta: dict,
+           start: int, tag: str):
+  """Runs the loop with SIGTERM / SIGINT turned into a flag: (state, what the last step left
+  (None if no step ran), the actions). On an exception the data thread, a trace, the
+  checkpointer (a save in flight completes: the last good checkpoint is kept) and the writer
+  are closed first."""
+  c = s.config
+  with periodic.SignalFlag() as stop:
+    acts = _actions(s, workdir, ckpt, stop, writer, prefetch, tally, meta, start, tag)
+    try:
+      if acts.profile is not None:
+        acts.profile.begin(start)
+      state, end = _loop(progs, rounds, tally, acts.ordered(), state, batch,
+                         lambda step: s.device_batch(step, next(prefetch)[1]), start,
+                         c.train.steps, _poison(c.faults.nan_worker), c.faults.nan_step)
+      jax.block_until_ready(state)
+      prefetch.close()
+      acts.log.write_pending()
+      if acts.profile is not None:
+        acts.profile.close()
+    except BaseException:
+      prefetch.close()
+      if acts.profile is not None:
+        acts.profile.close()
+      ckpt.close()
+      writer.close()
+      raise
+  return state, end, acts
 
 
 def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic.Tally,
           actions: list, state: local_sgd.TrainState, batch: jax.Array,
-          next_batch: Callable[[int], jax.Array], start: int, total: int,
-          poison: Callable | None, nan_step: int):
+          next_batch: Callable[[int], jax.Array], start: int, total: int, poison: Callable,
+          nan_step: int):
   """Steps `start` .. `total` - 1: the inner step, the outer syncs due, then each periodic action
-  that is due. Returns the final state and what the last step left (None if none ran)."""
+  that is due (in order). Returns the final state and what the last step left (None if none
+  ran). The trace annotations name each step and its outer syncs in a profile."""
   end = None
   for step in range(start, total):
-    if step == nan_step:
-      state = poison(state)  # fault injection: one worker's parameters become NaN
-    state, m = progs.step(state, batch, *rounds.step_args(step))
-    tally.inner_step(progs.step_comm.wire_bytes)
-    last = step + 1 == total
-    state, diag, scope, moved = progs.outer_syncs(state, step, last)
-    tally.outer_sync(scope, moved, diag)
-    if not last:
-      batch = next_batch(step + 1)  # prepared while the device works
-    end = periodic.StepEnd(step + 1, last, state, m, diag, tally.point(step + 1))
-    for action in actions:
-      if action.due(end):
-        action(end)
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      if step == nan_step:
+        state = poison(state)  # fault injection: one worker's parameters become NaN
+      state, m = progs.step(state, batch, *rounds.step_args(step))
+      tally.inner_step(progs.step_comm.wire_bytes)
+      last = step + 1 == total
+      with jax.profiler.TraceAnnotation("outer_syncs"):
+        state, diag, scope, moved = progs.outer_syncs(state, step, last)
+      tally.outer_sync(scope, moved, diag)
+      if not last:
+        batch = next_batch(step + 1)  # prepared while the device works
+      end = periodic.StepEnd(step + 1, last, state, m, diag, tally.point(step + 1))
+      for action in actions:
+        if action.due(end):
+          action(end)
   return state, end
 
 

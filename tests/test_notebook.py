@@ -13,6 +13,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+SMALLEST = ("c.train.steps, c.train.log_every, c.train.eval_every = 4, 2, 2\n"
+            "c.train.eval_batches = 1\n"
+            "c.optim.warmup_steps = 1\n"
+            "c.local_sgd.sync_every = 2\n")
 
 
 def _code_cells():
@@ -30,6 +34,12 @@ def test_notebook_runs_on_cpu(tmp_path):
   cells = ["".join(c["source"]) for c in _code_cells()]
   assert not any(line.lstrip().startswith(("!", "%")) for c in cells for line in c.splitlines())
   assert "xla_force_host_platform_device_count=8" in cells[0]  # before jax is imported
+  # The smallest settings that still run every cell: 4 steps per algorithm, one eval batch,
+  # fewer bootstrap resamples (the notebook's own settings are a user's first run).
+  config_cell = next(i for i, c in enumerate(cells) if "c.train.steps = 40" in c)
+  cells.insert(config_cell + 1, SMALLEST)
+  assert "n_boot=200" in "".join(cells)
+  cells = [c.replace("n_boot=200", "n_boot=20") for c in cells]
   script = tmp_path / "quickstart.py"
   script.write_text("\n\n".join(cells) + "\n")
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
