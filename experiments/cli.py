@@ -121,8 +121,8 @@ def user_errors():
     raise
   except BaseException as e:  # noqa: BLE001  (the boundary: every error ends in one line)
     signum = getattr(e, "signum", None)
-    if type(e).__name__ == "Preempted" and signum:  # the run printed what happened
-      sys.exit(128 + signum)
+    if isinstance(signum, int) and signum > 0:  # Preempted, Interrupted: the run said what
+      sys.exit(128 + signum)  #                   happened and how to resume
     if isinstance(e, KeyboardInterrupt):
       _exit("interrupted.", 128 + 2)
     if flags.FLAGS.is_parsed() and _TRACEBACK.value:

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import re
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -39,6 +38,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lsgd_jax import faults
 from lsgd_jax.config import base_config
 
 # Changing one of these makes a saved state mean something else (or not fit): a clear error.
@@ -163,12 +163,15 @@ def _shape_mismatch(stored: Any, abstract: Any) -> str | None:
 
 
 class Checkpointer:
-  """Saves on an interval in steps and in minutes, keeps the last `max_to_keep`."""
+  """Saves on an interval in steps and in minutes, keeps the last `max_to_keep`. With minutes
+  set, the first save is at `first_step` (the first outer sync), so an early crash loses at most
+  one round instead of the first interval."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, every_steps: int = 0,
-               every_minutes: float = 0.0, async_save: bool = True):
+               every_minutes: float = 0.0, async_save: bool = True, first_step: int = 0):
     self.directory = os.path.abspath(directory)
     self.every_steps, self.every_minutes = every_steps, every_minutes
+    self.first_step = first_step
     self._last_time = time.monotonic()
     self._needed = 0  # bytes of the last state saved (for the message of a failed write)
     self.manager = ocp.CheckpointManager(
@@ -181,6 +184,8 @@ class Checkpointer:
   def due(self, step: int) -> bool:
     if self.every_steps and step % self.every_steps == 0:
       return True
+    if self.every_minutes and step == self.first_step:
+      return True
     return bool(self.every_minutes) and (time.monotonic() - self._last_time
                                          >= 60 * self.every_minutes)
 
@@ -189,6 +194,7 @@ class Checkpointer:
     call it. A failed write raises CheckpointWriteError (here or at the next save / wait)."""
     if step in self.manager.all_steps():
       return
+    faults.point("save", step)
     self._needed = _nbytes(state)
     meta = {**meta, "checksum": state_checksum(state)}
     with self._writing(step):
@@ -209,8 +215,6 @@ class Checkpointer:
       raise write_error(what, self.directory, self._needed, e) from None
 
   def _warn(self, step: int, why: str) -> None:
-    logging.warning("Checkpoint at step %d in %s cannot be used (%s); trying the previous one.",
-                    step, self.directory, why)
     print(f"WARNING: checkpoint {step} is damaged ({why}); using an older one.", flush=True)
 
   def restore_latest(self, abstract_state: Any, check_meta=None) -> tuple[Any, dict] | None:

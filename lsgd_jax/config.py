@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from lsgd_jax import clock, data, faults, local_sgd, model, optim, periodic, tokenizers
+from lsgd_jax import clock, data, faults, local_sgd, model, optim, periodic, tokenizers, verdict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -88,10 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train.on_nonfinite = "stop"  # divergence: "stop" (keep the last good checkpoint) or "skip"
   #                                (skip non-finite steps; skip the round and reset workers)
+  c.train.on_no_learning = "error"  # a finished run that learned nothing (loss worse than uniform,
+  #                                   most steps or rounds skipped; lsgd_jax/verdict.py): "error"
+  #                                   (results.json says so, then exit 1) or "warn" (keep going)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0       # save every N steps (0: off); always at the end and on signal
-  c.checkpoint.every_minutes = 10.0  # and every N minutes of wall time (0: off)
+  c.checkpoint.every_minutes = 10.0  # and every N minutes of wall time, the first at the first
+  #                                    outer sync (step local_sgd.sync_every) (0: off)
   c.checkpoint.max_to_keep = 3       # newest checkpoints kept
   c.checkpoint.async_save = True     # write in the background while training goes on
 
@@ -165,6 +169,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   periodic.parse_profile_steps(c.train.profile_steps, c.train.steps)
   if c.train.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {c.train.on_nonfinite!r}.")
+  if c.train.on_no_learning not in verdict.ON_NO_LEARNING:
+    raise ValueError(f"train.on_no_learning must be one of {', '.join(verdict.ON_NO_LEARNING)}, "
+                     f"got {c.train.on_no_learning!r}.")
   if not 0.0 <= c.faults.fail_prob <= 1.0:
     raise ValueError(f"faults.fail_prob must be in [0, 1], got {c.faults.fail_prob}.")
   if c.algorithm == "ddp" and (c.faults.fail_prob or c.faults.fail_schedule or

@@ -7,7 +7,29 @@ left out, the mean is taken over the survivors, and it rejoins from the new glob
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
+
+# Process faults for the reliability tests (tests/test_faults.py): $LSGD_FAULT="POINT[@STEP]:ACTION"
+# makes the process signal itself when it reaches POINT (at STEP): ACTION "kill" (SIGKILL: no
+# handler runs), "term" (SIGTERM, as a scheduler's preemption), or "stop" (SIGSTOP: hangs holding
+# its workdir). Points: "save" (a checkpoint is about to be written), "export" (the final state
+# is saved, the model about to be exported), "results" (exported, results.json not yet written).
+FAULT_ENV = "LSGD_FAULT"
+_ACTIONS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}
+
+
+def point(name: str, step: int | None = None) -> None:
+  """Signals this process if $LSGD_FAULT names this point (and step); otherwise nothing."""
+  spec = os.environ.get(FAULT_ENV, "")
+  if not spec:
+    return
+  where, _, action = spec.partition(":")
+  at, _, at_step = where.partition("@")
+  if at == name and (not at_step or step is not None and int(at_step) == step):
+    os.kill(os.getpid(), _ACTIONS[action])
 
 
 def parse_schedule(schedule: str, num_workers: int) -> dict[int, set[int]]:

@@ -22,7 +22,9 @@ import numpy as np
 import optax
 
 from lsgd_jax import checkpoint, data, distributed, faults, local_sgd, model, optim, periodic
-from lsgd_jax import pricing, tokenizers
+from lsgd_jax import pricing, tokenizers, verdict
+from lsgd_jax import config as config_lib
+from lsgd_jax import workdir as workdir_lib
 from lsgd_jax import rounds as rounds_lib
 from lsgd_jax import mesh as mesh_lib
 from lsgd_jax import metrics as metrics_lib
@@ -80,10 +82,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   hierarchical = c.algorithm == "local_sgd" and c.local_sgd.num_clusters > 1
   layout = mesh_lib.make_layout(c.local_sgd.num_workers, c.mesh.num_devices or None,
                                 num_clusters=c.local_sgd.num_clusters if hierarchical else None,
-                                two_stage=c.local_sgd.two_stage)
+                                two_stage=config_lib.two_stage(c.local_sgd.two_stage))
+  config_lib.check_outer_layout(c, layout.two_stage)
   per_worker = mesh_lib.check_batch(layout, c.train.global_batch)
-  if c.train.eval_batches:
-    mesh_lib.check_batch(layout, c.train.eval_batch)
+  group = layout.num_workers * layout.data_axis_size
+  if c.train.eval_batches and c.train.eval_batch % group:
+    raise ValueError(f"train.eval_batch={c.train.eval_batch} (held-out sequences per batch) is not "
+                     f"divisible by num_workers x data devices = {group}; allowed: multiples of "
+                     f"{group}.")
   # Process 0 builds the corpus and vocabulary caches first; other processes then read them.
   dataset, tokenizer = distributed.process_zero_first(functools.partial(
       data.build_dataset,
@@ -147,19 +153,23 @@ Preempted = periodic.Preempted  # raised after a signal once the checkpoint is w
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-  """Drops records past the checkpoint so a resumed run's metrics read as an uninterrupted one."""
+  """Drops records past the checkpoint (every record when starting from step 0) so a resumed
+  run's metrics read as an uninterrupted one."""
   if jax.process_index() != 0 or not os.path.exists(path):
     return
-  keep = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step]
+  keep = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step] if step else []
   with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
-def _checkpointer(ck: ml_collections.ConfigDict, workdir: str) -> checkpoint.Checkpointer:
-  """The run's checkpointer, per the `checkpoint` section."""
+def _checkpointer(ck: ml_collections.ConfigDict, workdir: str,
+                  first_step: int) -> checkpoint.Checkpointer:
+  """The run's checkpointer, per the `checkpoint` section (the first timed save at
+  `first_step`, the first outer sync)."""
   return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=ck.max_to_keep, every_steps=ck.every_steps,
-                                 every_minutes=ck.every_minutes, async_save=ck.async_save)
+                                 every_minutes=ck.every_minutes, async_save=ck.async_save,
+                                 first_step=first_step)
 
 
 def _restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer, tag: str):
@@ -171,12 +181,13 @@ def _restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer, tag: str):
   abstract = jax.eval_shape(s.init_state)
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract, local_sgd.state_shardings(s.layout, abstract))
-  restored = ckpt.restore_latest(abstract)
+  def check(meta):  # before the state is read: a changed shape is refused, never "damage"
+    for line in checkpoint.check_compatible(meta["config"], s.config):
+      print(f"{tag} resuming with a changed setting: {line}", flush=True)
+  restored = ckpt.restore_latest(abstract, check_meta=check)
   if restored is None:
     return s.init_state(), {}
   state, meta = restored
-  for line in checkpoint.check_compatible(meta["config"], s.config):
-    print(f"{tag} resuming with a changed setting: {line}", flush=True)
   tokenizers.check_identity(meta["tokenizer"], s.tokenizer)
   s.dataset.load_state_dict(meta["data"])
   return state, meta
@@ -237,16 +248,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Writes config.json, metrics.jsonl and TensorBoard events, checkpoints/, export/ (the final
   global model), results.json and, with train.profile_steps, profile/; returns the results.
-  Raises `Preempted` after saving on SIGTERM / SIGINT and FloatingPointError on divergence under
-  `train.on_nonfinite = "stop"`.
+  Holds the workdir's lock throughout (workdir.claim: a second run on it is refused). Raises `Preempted` after saving on SIGTERM / SIGINT (during the
+  final save and export: once they are written), `workdir.Interrupted` on a signal while setting
+  up, FloatingPointError on divergence under `train.on_nonfinite = "stop"`, and
+  `verdict.FailedToLearn` after writing results.json for a run that learned nothing under
+  `train.on_no_learning = "error"`.
   """
+  with workdir_lib.claim(workdir, lead=jax.process_index() == 0), \
+      workdir_lib.stop_on_signal(f"[{name or config.algorithm}]"):
+    return _train_and_evaluate(config, workdir, name)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        name: str | None) -> dict[str, Any]:
   s = build(config)
   c = s.config
   tag = f"[{name or c.algorithm}]"
   print(f"{tag} {mesh_lib.describe(s.layout)}", flush=True)
   print(f"{tag} model {c.model.size}: {model.non_embedding_params(s.model_cfg):,} non-embedding "
         f"parameters, vocab {s.model_cfg.vocab_size}", flush=True)
-  ckpt = _checkpointer(c.checkpoint, workdir)
+  ckpt = _checkpointer(c.checkpoint, workdir, c.local_sgd.sync_every)
   state, meta = _restore_or_init(s, ckpt, tag)
   _write_config(c, workdir)
   start = int(meta.get("step", 0))
@@ -255,10 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.close()
     print(f"{tag} already finished ({start} steps); results in {results_path}", flush=True)
     with open(results_path) as f:
-      return json.load(f)
+      return _judged(json.load(f), c)
   if start:
     print(f"{tag} resumed from the checkpoint at step {start}", flush=True)
-    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+  _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
   prefetch = data.Prefetcher(s.dataset, start_step=start, depth=c.data.prefetch)
   batch = s.device_batch(start, next(prefetch)[1])
@@ -276,11 +297,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state, end, acts = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds, state, batch,
                             meta, start, tag)
   train_time = time.perf_counter() - t_start
-  acts.checkpoints.save(end or periodic.StepEnd(start, True, state, None, None,
-                                                tally.point(start)))
-  writer.close()
-  return _finish(s, workdir, ckpt, state, progs, tally, memory, acts.evaluation.loss,
-                 acts.log.last_record, start, train_time, tag)
+  eval_loss, last_record = acts.evaluation.loss, acts.log.last_record
+  with periodic.SignalFlag() as late:  # the final save and export complete before a signal acts
+    if end is not None:
+      acts.checkpoints.save(end)
+    else:  # the final checkpoint was saved, results.json was not (killed between): finish from it
+      eval_loss = s.evaluate(state) if c.train.eval_batches else None
+      last_record = _last_record(os.path.join(workdir, "metrics.jsonl"), start)
+    writer.close()
+    results = _finish(s, workdir, ckpt, state, progs, tally, memory, eval_loss, last_record,
+                      start, train_time, tag)
+  if late.signum is not None:
+    print(f"{tag} signal {late.signum} arrived during the final save and export; they completed "
+          f"first: results in {results_path}.", flush=True)
+    raise Preempted(late.signum, c.train.steps)
+  return _judged(results, c)
+
+
+def _last_record(path: str, step: int) -> dict:
+  """The metrics record of `step` (empty if there is none)."""
+  if not os.path.exists(path):
+    return {}
+  records = [r for r in metrics_lib.read_jsonl(path) if r["step"] == step]
+  return records[-1] if records else {}
+
+
+def _judged(results: dict, c: ml_collections.ConfigDict) -> dict:
+  """`results`, or FailedToLearn if they say the run failed to learn and the config says stop."""
+  if results.get("failed_to_learn") and c.train.on_no_learning == "error":
+    raise verdict.FailedToLearn(f"{results['verdict']}; results.json records it (set "
+                                "train.on_no_learning='warn' to keep going after such a run).")
+  return results
 
 
 def _print_compiled(tag: str, seconds: float, progs: rounds_lib.Programs,
@@ -397,6 +444,7 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
             last_record: dict, start: int, train_time: float, tag: str) -> dict[str, Any]:
   """Exports the global model, writes results.json and returns the results."""
   c = s.config
+  faults.point("export")
   export_dir = checkpoint.export_model(
       os.path.join(workdir, "export"), local_sgd.global_params(state), s.model_cfg,
       {"tokenizer": tokenizers.describe(s.tokenizer),
@@ -423,13 +471,20 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
                    memory_capacity_gb=memory.capacity / 1e9)
   if s.is_local_sgd:
     results["skipped_rounds"] = float(tally.skipped_rounds)
+  why = verdict.failed_to_learn(
+      results, s.model_cfg.vocab_size, skipped_steps=last_record.get("skipped_steps", 0),
+      worker_steps=total * (s.layout.num_workers if s.is_local_sgd else 1),
+      rounds=total // c.local_sgd.sync_every if s.is_local_sgd else 0)
+  results["failed_to_learn"] = why is not None
+  results["verdict"] = "learned" if why is None else f"failed to learn: {why}"
+  faults.point("results")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   print(f"{tag} done: eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}, "
         f"{metrics_lib.format_count(results['tokens_per_sec'])} tok/s, "
         f"{metrics_lib.format_count(tally.comm_bytes)}B communicated per device, "
-        f"{metrics_lib.format_duration(train_time)}", flush=True)
+        f"{metrics_lib.format_duration(train_time)}; {results['verdict']}", flush=True)
   return results
 
 
@@ -479,6 +534,9 @@ def evaluate_exported(directory: str) -> dict[str, float]:
   """Held-out loss and perplexity of an exported model (`workdir/export`), on the data of the
   run that trained it (its config is stored beside the parameters)."""
   model_cfg, params, info = checkpoint.load_model(directory)
+  if not isinstance(info.get("config"), dict) or "tokenizer" not in info:
+    raise ValueError(f"{os.path.join(directory, 'model.json')} lacks the run's config or "
+                     "tokenizer; re-export the model from its run (re-run its training command).")
   config = ml_collections.ConfigDict(info["config"])
   s = build(config)
   tokenizers.check_identity(info["tokenizer"], s.tokenizer)

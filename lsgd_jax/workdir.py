@@ -12,6 +12,10 @@
   disk full.
 
 Only process 0 locks and cleans (the others of a multi-process run share its file system).
+
+`stop_on_signal(tag)`: while a run sets up (builds the corpus, restores, compiles: before its
+training loop, whose own flag then takes over), SIGTERM / SIGINT stop it at once with a line
+saying so (`Interrupted`, exit 128 + the signal): nothing was trained since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import fcntl
 import glob
 import os
 import shutil
+import signal
 import socket
+import threading
 from typing import Iterator
 
 LOCK_NAME = ".lock"
@@ -107,3 +113,34 @@ def claim(workdir: str, *, lead: bool = True) -> Iterator[str]:
     yield path
   finally:
     os.close(fd)  # releases the lock (the file stays: removing it would race a waiting run)
+
+
+class Interrupted(BaseException):
+  """A signal stopped the run while it was setting up (no step taken: nothing to save). A
+  BaseException, like KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+  def __init__(self, signum: int):
+    self.signum = signum
+    super().__init__(f"stopped by signal {signum} while setting up; re-run the same command.")
+
+
+@contextlib.contextmanager
+def stop_on_signal(tag: str) -> Iterator[None]:
+  """SIGTERM / SIGINT raise `Interrupted` (after a line saying so) inside the block; main thread
+  only (elsewhere signals cannot be handled)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def handle(signum, frame):
+    del frame
+    print(f"{tag} stopped by signal {signum} while setting up (before training this attempt): "
+          "nothing was lost since the last checkpoint; re-run the same command to resume.",
+          flush=True)
+    raise Interrupted(signum)
+  old = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
