@@ -5,21 +5,24 @@
   tensorstore failures, a full disk) end in one line `error: ...` on stderr and a non-zero exit
   (2: flags and config, 1: the rest); no traceback, no usage dump.
 - `--traceback` shows the full traceback instead (for bug reports).
-- A run stopped by SIGTERM / SIGINT exits with 128 + the signal (its checkpoint is saved and the
-  run has said so); re-running the same command resumes.
+- A run stopped by SIGTERM / SIGINT exits with 128 + the signal after saying what happened: in a
+  training loop its checkpoint is saved; anywhere else (setting up, between the runs of a sweep)
+  it stops at once. Re-running the same command resumes.
 - orbax's INFO logs (dozens of lines a run) are quiet unless --verbosity is given.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
+import os
 import re
 import sys
 import traceback
 from typing import Callable
 
 from absl import app, flags, logging
+
+from lsgd_jax import workdir  # standard library only: the binaries without JAX stay without it
 
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "On an error, print the full Python traceback "
                                "(for bug reports) instead of one line.")
@@ -136,7 +139,8 @@ def user_errors():
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)` inside the boundary: flag parsing included, tracebacks behind --traceback."""
   def guarded(argv):
-    with user_errors():
+    name = os.path.basename(argv[0]).removesuffix(".py")
+    with user_errors(), workdir.stop_on_signal(f"[{name}]"):  # a signal outside a training loop
       if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
       main(argv)
