@@ -47,8 +47,9 @@ def tb_tag(key: str, outer: bool = False) -> str:
 class MetricWriter:
   """Appends one JSON object per logged step to `workdir/metrics.jsonl` and writes its scalars,
   at the same step, to a TensorBoard event file in `workdir` (tensorboardX: no TensorFlow).
-  `tensorboard=False` writes JSONL only. `purge_step`: a resumed run's first step; TensorBoard
-  drops the earlier events past it (as metrics.jsonl is truncated to the checkpoint)."""
+  `tensorboard=False` writes JSONL only. `purge_step`: the run's first step (a resumed run's
+  checkpoint, 0 for a restart); TensorBoard drops the earlier files' events from that step on, as
+  metrics.jsonl is truncated there."""
 
   def __init__(self, workdir: str, filename: str = "metrics.jsonl", *, tensorboard: bool = True,
                purge_step: int | None = None):
@@ -59,7 +60,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(logdir=workdir, purge_step=purge_step or None, flush_secs=30)
+        self._tb = SummaryWriter(logdir=workdir, purge_step=purge_step, flush_secs=30)
 
   def write(self, record: Mapping[str, Any], outer: Iterable[str] = ()) -> None:
     """Writes `record` (its "step" is the x axis); `outer` names its outer-sync diagnostics."""
