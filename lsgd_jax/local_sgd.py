@@ -58,6 +58,10 @@ class TrainState(NamedTuple):
                      leaves of `outer_params` with a leading cluster axis, sharded over
                      'cluster'); otherwise ().
   cluster_opt_state: hierarchical: the cluster-level outer optimizer state [C, ...]; otherwise ().
+  in_flight:         eager updates with overlap (lsgd_jax/streaming.py): each worker's own
+                     eager point of the fragment in flight, laid out like `params`; otherwise ().
+  residual:          quantized outer wire with error feedback: each worker's quantization
+                     residual, laid out like `params`; otherwise ().
   """
 
   step: jax.Array
@@ -67,6 +71,8 @@ class TrainState(NamedTuple):
   outer_opt_state: PyTree
   cluster_params: PyTree = ()
   cluster_opt_state: PyTree = ()
+  in_flight: PyTree = ()
+  residual: PyTree = ()
 
 
 def replica_step(params: PyTree, opt_state: PyTree, batch: jax.Array, *, loss_fn: LossFn,
@@ -149,16 +155,20 @@ def state_shardings(layout: Layout, state: TrainState) -> TrainState:
       outer_params=specs(state.outer_params, _outer_spec),
       outer_opt_state=specs(state.outer_opt_state, _outer_spec),
       cluster_params=specs(state.cluster_params, _cluster_spec),
-      cluster_opt_state=specs(state.cluster_opt_state, _cluster_spec))
+      cluster_opt_state=specs(state.cluster_opt_state, _cluster_spec),
+      in_flight=per_worker(state.in_flight), residual=per_worker(state.residual))
 
 
 def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array], PyTree],
                tx: optax.GradientTransformation,
                outer_tx: optax.GradientTransformation | None, rng: jax.Array,
-               cluster_tx: optax.GradientTransformation | None = None) -> TrainState:
+               cluster_tx: optax.GradientTransformation | None = None,
+               streaming=None) -> TrainState:
   """Creates the sharded training state directly on the mesh (no host copy of K replicas).
 
   A hierarchical layout needs `cluster_tx`, the optimizer of the in-cluster outer syncs.
+  `streaming` (a `streaming.Streaming`, local SGD only): per-fragment outer optimizer states and
+  the in-flight and residual buffers its variant needs.
   """
   _check_algorithm(algorithm)
   k = layout.num_workers
@@ -174,6 +184,8 @@ def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array]
     outer = to_outer_layout(layout, params)
     state = TrainState(jnp.zeros((), jnp.int32), workers, jax.vmap(tx.init)(workers), outer,
                        outer_tx.init(outer))
+    if streaming is not None and not streaming.plain:
+      state = _streaming_state(state, outer_tx, streaming)
     if layout.hierarchical:
       c = layout.num_clusters
       clusters = jax.tree.map(lambda o: jnp.broadcast_to(o, (c,) + o.shape), outer)
@@ -183,6 +195,17 @@ def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array]
 
   abstract = jax.eval_shape(init, rng)
   return jax.jit(init, out_shardings=state_shardings(layout, abstract))(rng)
+
+
+def _streaming_state(state: TrainState, outer_tx, cfg) -> TrainState:
+  from lsgd_jax import streaming as streaming_lib  # pylint: disable=import-outside-toplevel
+  sizes = [math.prod(x.shape[1:]) for x in jax.tree.leaves(state.params)]
+  fragments = streaming_lib.partition(sizes, cfg.num_fragments)
+  zeros = lambda: jax.tree.map(jnp.zeros_like, state.params)
+  return state._replace(
+      outer_opt_state=streaming_lib.init_outer_opt(outer_tx, state.outer_params, fragments),
+      in_flight=zeros() if cfg.eager and cfg.overlap_steps else (),
+      residual=zeros() if cfg.error_feedback else ())
 
 
 def outer_state(layout: Layout, params: PyTree, outer_tx: optax.GradientTransformation):
@@ -295,14 +318,16 @@ def _sum_sq(tree) -> jax.Array:
 
 
 def _outer_round(theta, outer_state, workers, weights, *, outer_tx, reduce_axes, shard_axes,
-                 exact_cosine, skip_nonfinite):
+                 exact_cosine, skip_nonfinite, delta=None):
   """One outer update seen from one device (inside `shard_map`).
 
   theta, outer_state: this device's part of the global state (all of it, or its slice over
   `shard_axes`); workers: [K_local, *theta.shape] the same part of this device's replicas;
   weights: [K_local]. The weighted mean runs over `reduce_axes`; scalar statistics are summed over
   `shard_axes` (the slices of one vector), so every device sees whole-model norms. Returns
-  (new theta part, new outer state part, diagnostics).
+  (new theta part, new outer state part, diagnostics). `delta`, if given, is the weighted mean
+  of the workers' pseudo-gradients as another wire computed it (streaming.py's quantized mean);
+  by default it is theta - the weighted mean of `workers` over `reduce_axes`.
   """
   total = (lambda v: lax.psum(v, shard_axes)) if shard_axes else (lambda v: v)
   w = weights.astype(jnp.float32)
@@ -310,11 +335,14 @@ def _outer_round(theta, outer_state, workers, weights, *, outer_tx, reduce_axes,
   bcast = lambda v, x: v.reshape((-1,) + (1,) * (x.ndim - 1))
   w_sum = lax.psum(jnp.sum(w), reduce_axes)
   any_member = w_sum > 0
-  mean = jax.tree.map(
-      lambda x: lax.psum(jnp.sum(jnp.where(bcast(member, x), bcast(w, x) * x, 0), 0),
-                         reduce_axes) / jnp.where(any_member, w_sum, 1.0), workers)
-  # pseudo-gradient: positive means "go down"; zero (not 0 / 0) when no worker contributes
-  delta = jax.tree.map(lambda t, m: jnp.where(any_member, t - m, 0), theta, mean)
+  if delta is None:
+    mean = jax.tree.map(
+        lambda x: lax.psum(jnp.sum(jnp.where(bcast(member, x), bcast(w, x) * x, 0), 0),
+                           reduce_axes) / jnp.where(any_member, w_sum, 1.0), workers)
+    # pseudo-gradient: positive means "go down"; zero (not 0 / 0) when no worker contributes
+    delta = jax.tree.map(lambda t, m: jnp.where(any_member, t - m, 0), theta, mean)
+  else:
+    delta = jax.tree.map(lambda d: jnp.where(any_member, d, 0), delta)
   updates, new_state = outer_tx.update(delta, outer_state, theta)
   delta_sq = total(_sum_sq(delta))
   ok = any_member
