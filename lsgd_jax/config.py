@@ -7,11 +7,14 @@ devices or data and raises `ValueError` naming the bad value and what is allowed
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import ml_collections
 
-from lsgd_jax import clock, data, faults, local_sgd, model, optim, periodic, tokenizers, verdict
+from lsgd_jax import clock, data, faults, local_sgd, model, optim, periodic, streaming
+from lsgd_jax import tokenizers, verdict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,6 +88,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_sgd.cluster_outer_optimizer = "nesterov"  # as outer_optimizer, inside each cluster
   c.local_sgd.cluster_outer_lr = 0.7
   c.local_sgd.cluster_outer_momentum = 0.9
+  # Communication-efficient outer syncs (lsgd_jax/streaming.py, DESIGN.md 8; the defaults are
+  # today's sync). Flat layout: all; two-stage: fragments and overlap in float32; hierarchical: none.
+  c.local_sgd.num_fragments = 1      # P: leaves split into P near-equal fragments, fragment p sent
+                                     # every H steps at offset (p + 1) H / P (Streaming DiLoCo)
+  c.local_sgd.overlap_steps = 0      # tau < H / P: a fragment's global value lands tau steps after
+                                     # it is sent, while the workers keep training
+  c.local_sgd.merge_alpha = 0.0      # on landing: theta_k <- alpha theta_k + (1 - alpha) theta
+                                     # (0: overwrite), in [0, 1]
+  c.local_sgd.eager = False          # eager updates (Kale et al. 2025): apply the own outer step at
+                                     # once, swap it for the global one on landing (merge_alpha 0)
+  c.local_sgd.outer_dtype = "float32"  # wire type of the pseudo-gradients: "float32", "bfloat16",
+                                     # "float8" (e4m3), "int8", "int4"; the mean sums in float32
+  c.local_sgd.outer_block = 256      # elements per float32 scale (0: one scale per tensor)
+  c.local_sgd.error_feedback = False  # add last round's quantization residual (quantized wire)
 
   c.train.on_nonfinite = "stop"  # divergence: "stop" (keep the last good checkpoint) or "skip"
   #                                (skip non-finite steps; skip the round and reset workers)
@@ -189,6 +206,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_hierarchy(c)
   if two_stage(c.local_sgd.two_stage) is True:
     check_outer_layout(c, True)
+  if c.algorithm == "local_sgd":
+    _validate_streaming(c)
   if c.algorithm == "local_sgd":  # builds the outer optimizer once to check its name and args
     optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
                           c.local_sgd.outer_momentum, c.local_sgd.outer_kwargs.to_dict())
@@ -283,6 +302,29 @@ def _validate_hierarchy(c: ml_collections.ConfigDict) -> None:
     clock.link(c.clock.inter_link)
     if c.clock.cluster_link:
       clock.link(c.clock.cluster_link)
+
+
+def _validate_streaming(c: ml_collections.ConfigDict) -> None:
+  def num_leaves() -> int:
+    cfg = model.model_config(c.model.size, 256, c.model.max_seq_len, c.model.tie_embeddings)
+    shapes = jax.eval_shape(functools.partial(model.init_params, cfg), jax.random.key(0))
+    return len(jax.tree.leaves(shapes))
+
+  streaming.validate(c.local_sgd, num_leaves)
+  s = streaming.Streaming.of(c.local_sgd)
+  if s.plain:
+    return
+  if c.local_sgd.num_clusters > 1:
+    raise ValueError("local_sgd.num_fragments, overlap_steps, eager, outer_dtype and "
+                     "error_feedback need the flat layout; they do not apply with num_clusters > 1.")
+  if _budget(c):
+    raise ValueError("Streaming outer syncs do not support edge.policy='budget' with unequal "
+                     "edge.speeds (rounds of H steps per worker); use edge.policy='wait'.")
+
+
+def _budget(c: ml_collections.ConfigDict) -> bool:
+  v = faults.parse_speeds(c.edge.speeds, c.local_sgd.num_workers, c.seed)
+  return c.edge.policy == "budget" and v.min() < v.max()
 
 
 def _validate_data(d: ml_collections.ConfigDict) -> None:

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lsgd_jax import comm, faults, local_sgd
+from lsgd_jax import comm, faults, local_sgd, streaming
 from lsgd_jax import mesh as mesh_lib
 
 
@@ -136,7 +136,11 @@ class Programs:
           np.ones(layout.num_clusters, np.float32),
           layout.sharding(jax.sharding.PartitionSpec("cluster")))
       weights = self.cluster_ones
-    if outer_sync is not None:
+    self.stream = None  # streaming outer syncs (lsgd_jax/streaming.py): fragments, overlap, ...
+    if isinstance(outer_sync, streaming.Factory):
+      self.stream = outer_sync.programs(state, weights)
+      self.sync_comm = self.stream.sync_comm
+    elif outer_sync is not None:
       self.sync = outer_sync.lower(state, weights).compile()
       self.sync_comm = stats(self.sync)
 
@@ -144,6 +148,10 @@ class Programs:
     """The syncs due after `step` (0-based): (state, diagnostics, scope or None, bytes moved per
     device). A last, incomplete round still ends with a global sync, so the run yields one global
     model."""
+    if self.stream is not None:
+      state, diag, sent, moved = self.stream.outer_syncs(state, step, last, self.rounds.weights)
+      self.fragments_sent = sent
+      return state, diag, "global" if sent else None, moved
     glob = self.sync is not None and ((step + 1) % self.h == 0 or last)
     if not (glob or (self.cluster is not None and (step + 1) % self.h1 == 0)):
       return state, None, None, 0.0

@@ -420,6 +420,33 @@ def make_syncs(layout: Layout, outer_tx: optax.GradientTransformation, cfg: Stre
                              skip_nonfinite) for f in range(cfg.num_fragments)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Factory:
+  """What `train.build` keeps in place of a jitted outer sync for a streaming run: the pieces
+  `rounds.Programs` compiles into `Programs` once it has a state to lower with."""
+
+  layout: Layout
+  outer_tx: Any
+  cfg: Streaming
+  h: int
+  exact_cosine: bool = False
+  skip_nonfinite: bool = False
+
+  def programs(self, state, weights) -> "Programs":
+    return Programs(self.layout, self.outer_tx, self.cfg, self.h, state, weights,
+                    self.exact_cosine, self.skip_nonfinite)
+
+
+def make(layout: Layout, outer_tx, cfg: Streaming, h: int, exact_cosine: bool = False,
+         skip_nonfinite: bool = False):
+  """The outer sync of a run: `local_sgd.make_outer_sync` for today's sync (`cfg.plain`), else a
+  `Factory` of the fragment programs."""
+  if cfg.plain:
+    return local_sgd.make_outer_sync(layout, outer_tx, exact_cosine, skip_nonfinite)
+  check_layout(layout, cfg)
+  return Factory(layout, outer_tx, cfg, h, exact_cosine, skip_nonfinite)
+
+
 class Programs:
   """The compiled fragment programs of a run and the hook the loop calls after every step
   (`rounds.Programs.outer_syncs` delegates to `outer_syncs`)."""

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from lsgd_jax import checkpoint, data, distributed, faults, local_sgd, model, optim, periodic
-from lsgd_jax import pricing, tokenizers, verdict
+from lsgd_jax import pricing, streaming, tokenizers, verdict
 from lsgd_jax import config as config_lib
 from lsgd_jax import workdir as workdir_lib
 from lsgd_jax import rounds as rounds_lib
@@ -58,7 +58,9 @@ class Setup:
     rng = jax.random.key(self.config.seed)
     return local_sgd.init_state(self.layout, self.config.algorithm,
                                 functools.partial(model.init_params, self.model_cfg), self.tx,
-                                self.outer_tx, rng, cluster_tx=self.cluster_tx)
+                                self.outer_tx, rng, cluster_tx=self.cluster_tx,
+                                streaming=(streaming.Streaming.of(self.config.local_sgd)
+                                           if self.is_local_sgd else None))
 
   def device_batch(self, step: int, host_batch: np.ndarray | None = None) -> jax.Array:
     """The batch of `step` on the mesh; `host_batch` if given (e.g. from a data.Prefetcher)."""
@@ -114,8 +116,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       train_step=local_sgd.make_train_step(
           layout, c.algorithm, loss_fn, tx,
           masked=rounds_lib.budget_policy(c.algorithm, c.edge.policy, speeds)),
-      outer_sync=(local_sgd.make_outer_sync(layout, outer_tx, c.local_sgd.exact_cosine,
-                                            skip_nonfinite=skip)
+      outer_sync=(streaming.make(layout, outer_tx, streaming.Streaming.of(c.local_sgd),
+                                 c.local_sgd.sync_every, c.local_sgd.exact_cosine,
+                                 skip_nonfinite=skip)
                   if outer_tx is not None else None),
       eval_step=local_sgd.make_eval_step(layout, loss_fn), cluster_tx=cluster_tx,
       cluster_sync=(local_sgd.make_cluster_sync(layout, cluster_tx, c.local_sgd.exact_cosine,
