@@ -3,6 +3,13 @@
   python -m experiments.bandwidth --model_size=10e9 --device=h100 --tokens_per_step=16384 \
       --workers=8 --sync_every=100,300 --bandwidth=10
 
+  python -m experiments.bandwidth --preset=diloco-scaling-laws
+
+`--preset=diloco-scaling-laws` selects one set of assumptions, those the published DiLoCo
+simulators state (bf16 gradients and pseudo-gradients, every reduction overlapped with the
+backward pass = 2/3 of a step, bandwidth only), for a 10B model; see docs/bandwidth.md. Flags given
+on the command line override the preset.
+
 Prints the assumptions, then Markdown tables: the bandwidth (Gbit/s per device, on the slowest
 level the syncs cross) each method needs for each target utilisation, and the H local SGD needs at
 --bandwidth. Runs in well under a second; no accelerator or JAX computation is involved (a preset
@@ -40,6 +47,22 @@ _INTER = flags.DEFINE_enum("inter_link", "wan-10g", list(clock.LINKS), "Link bet
 _LATENCY = flags.DEFINE_float("latency", None, "Override the slow link's latency (s).")
 _TARGETS = flags.DEFINE_string("targets", "0.5,0.8,0.9,0.95,0.99", "Target utilisations.")
 _OVERLAP = flags.DEFINE_bool("overlap", False, "Overlap communication with compute.")
+_COMM_OVERLAP = flags.DEFINE_float("comm_overlap", 0.0, "Share of a step's compute a collective "
+                                   "issued in it hides behind (2/3: the backward pass).")
+_STREAMING = flags.DEFINE_string("streaming", "", "Extra streaming DiLoCo rows 'H:P:tau', "
+                                 "comma separated (e.g. 100:4:5).")
+_OUTER_DTYPES = flags.DEFINE_string("outer_dtypes", "", "Extra rows with a quantized outer wire "
+                                    "for each H and streaming row: comma list of bfloat16, "
+                                    "float8, int8, int4 (block 256 scales).")
+_PRESET = flags.DEFINE_enum("preset", None, ["diloco-scaling-laws"], "A set of assumptions.")
+
+PRESETS = {
+    # What the published DiLoCo simulators state (docs/bandwidth.md): bf16 on the wire, every
+    # reduction overlapped with the backward pass (2/3 of a step), bandwidth only (no latency).
+    "diloco-scaling-laws": dict(model_size="10e9", bytes_per_element=2.0, comm_overlap=2 / 3,
+                                latency=0.0, sync_every="100,300", streaming="100:4:5",
+                                outer_dtypes="int4"),
+}
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -113,8 +136,17 @@ def _gbit(bytes_per_s: float) -> str:
   return f"{g:,.0f}" if g >= 100 else f"{g:.3g}" if g >= 0.01 else f"{g:.2e}"
 
 
+def _apply_preset(name: str) -> None:
+  """Sets the preset's flags that the command line did not give."""
+  for key, value in PRESETS[name].items():
+    if not flags.FLAGS[key].present:
+      flags.FLAGS[key].value = value
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  if _PRESET.value:
+    _apply_preset(_PRESET.value)
   targets, hs = check_flags()
   params, fpt, desc = model_cost(_SIZE.value, _SEQ.value, _VOCAB.value)
   dev = clock.device(_DEVICE.value)
@@ -134,9 +166,8 @@ def main(argv):
   clusters = _CLUSTERS.value or workers
   common = dict(params=params, flops_per_token=fpt, tokens_per_step=tokens,
                 bytes_per_element=_BYTES.value, devices_per_worker=dpw, workers=workers,
-                clusters=clusters, layout=_LAYOUT.value)
-  rows = [("DDP", clock.Run("ddp", **common))]
-  rows += [(f"local SGD H={h}", clock.Run("local_sgd", sync_every=h, **common)) for h in hs]
+                clusters=clusters, layout=_LAYOUT.value, comm_overlap=_COMM_OVERLAP.value)
+  rows = table_rows(common, hs, _STREAMING.value, _OUTER_DTYPES.value)
   t_c = clock.compute_time(tokens, fpt, dev)
   probe = clock.Run("local_sgd", sync_every=1, **common)
   level = "inter" if clusters > 1 else "cluster" if workers > 1 else "worker"
@@ -146,7 +177,8 @@ def main(argv):
   print(f"- model: {desc}; {fpt:.3e} training FLOPs per token")
   print(f"- device: {compute} -> compute {t_c:.4g} s per step")
   print(f"- {workers} workers x {dpw} devices in {clusters} clusters; layout {_LAYOUT.value}; "
-        f"{_BYTES.value:g} bytes per element; overlap {_OVERLAP.value}")
+        f"{_BYTES.value:g} bytes per element; overlap {_OVERLAP.value}; a collective hides "
+        f"behind {_COMM_OVERLAP.value:.3g} of the step it is issued in")
   print(f"- solved level: {level} (latency {slow.latency * 1e3:.3g} ms); other links: worker "
         f"{net.worker.bandwidth * 8 / 1e9:.4g} Gbit/s, cluster "
         f"{net.cluster.bandwidth * 8 / 1e9:.4g} Gbit/s")
@@ -171,6 +203,28 @@ def main(argv):
   needed = [clock.sync_every_needed(u, probe, dev, at) for u in targets]
   print("| " + " | ".join("unreachable" if math.isinf(h) else str(max(1, math.ceil(h)))
                           for h in needed) + " |")
+
+
+def table_rows(common: dict, hs: list[int], streaming: str, outer_dtypes: str):
+  """(name, clock.Run) of the table: DDP, local SGD per H, streaming rows 'H:P:tau', and the
+  quantized variants of each local SGD and streaming row."""
+  from lsgd_jax import quantize  # JAX only for the format table
+  rows = [("DDP", clock.Run("ddp", **common))]
+  base = [(f"local SGD H={h}", dict(sync_every=h)) for h in hs]
+  for spec in (x for x in streaming.split(",") if x):
+    try:
+      h, p, tau = (int(v) for v in spec.split(":"))
+    except ValueError:
+      raise ValueError(f"--streaming entry {spec!r} must be H:P:tau, e.g. 100:4:5.") from None
+    base.append((f"streaming H={h} P={p} tau={tau}",
+                 dict(sync_every=h, fragments=p, overlap_steps=tau)))
+  rows += [(name, clock.Run("local_sgd", **kw, **common)) for name, kw in base]
+  for dtype in (x for x in outer_dtypes.split(",") if x):
+    quantize.check_dtype(dtype)
+    wire = quantize.bytes_per_element(dtype, 256)
+    rows += [(f"{name} {dtype}", clock.Run("local_sgd", outer_bytes_per_element=wire, **kw,
+                                          **common)) for name, kw in base]
+  return rows
 
 
 if __name__ == "__main__":

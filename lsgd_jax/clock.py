@@ -18,6 +18,16 @@ Time per step (no overlap): T = T_comp + T_step_comm + T_period_comm / P, where 
 (1 for DDP, H for local SGD, H2 for hierarchical local SGD) and utilisation u = T_comp / T. With
 overlap a step takes max(T_comp, T_step_comm) and an outer sync hides behind the steps since the
 last sync. Compute time = tokens * FLOPs/token / (peak FLOP/s * MFU).
+
+Finer overlap and the streaming outer sync (`Run` fields, DESIGN.md section 8):
+  comm_overlap = f: a collective issued during a step hides behind the share f of its compute
+    (f = 2/3: the backward pass, the convention of the published DiLoCo simulators): a step
+    takes T_c + max(0, T_step_comm - f T_c) and an outer sync exposes max(0, T_sync - f T_c).
+  fragments = P, overlap_steps = tau (streaming DiLoCo): every H steps each of the P fragments is
+    sent once; a fragment sync moves 1 / P of the bytes (latency in full) and hides behind the
+    tau steps it flies over: it exposes max(0, T_sync / P - (tau + f) T_c).
+  outer_bytes_per_element: bytes per element of the outer sync on the wire (quantize.py formats
+    with their scales; default: bytes_per_element).
 """
 
 from __future__ import annotations
@@ -149,6 +159,10 @@ class Run:
   sync_every: int = 1
   global_sync_every: int = 0
   layout: str = "flat"
+  fragments: int = 1
+  overlap_steps: int = 0
+  outer_bytes_per_element: float | None = None
+  comm_overlap: float = 0.0
 
   def __post_init__(self):
     _check("algorithm", self.algorithm, self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}")
@@ -161,7 +175,17 @@ class Run:
            f"a multiple of clusters = {self.clusters}")
     _check("H (sync_every)", self.sync_every,
            isinstance(self.sync_every, int) and self.sync_every >= 1, "an integer >= 1")
+    _check("fragments", self.fragments, isinstance(self.fragments, int) and 1 <= self.fragments
+           <= self.sync_every, f"an integer in [1, H = {self.sync_every}]")
+    _check("overlap_steps", self.overlap_steps, isinstance(self.overlap_steps, int) and
+           0 <= self.overlap_steps < max(self.sync_every // self.fragments, 1),
+           "an integer in [0, H / fragments)")
+    _check("comm_overlap", self.comm_overlap, 0.0 <= self.comm_overlap <= 1.0, "a share in [0, 1]")
+    if self.outer_bytes_per_element is not None:
+      _pos("outer_bytes_per_element", self.outer_bytes_per_element)
     if self.algorithm == "hierarchical":
+      _check("fragments", self.fragments, self.fragments == 1 and self.overlap_steps == 0,
+             "1 (no overlap_steps) for hierarchical runs")
       h1, h2 = self.sync_every, self.global_sync_every
       _check("H2 (global_sync_every)", h2, isinstance(h2, int) and h2 >= h1 and h2 % h1 == 0,
              f"a positive multiple of H1 (sync_every) = {h1}")
@@ -197,7 +221,7 @@ def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
   _check("scope", scope, scope in ("global", "cluster"), "'global' or 'cluster'")
   if run.algorithm == "ddp" or math.prod(s for s, _ in run.groups(scope)) == 1:
     return Comm()
-  nbytes = run.params * run.bytes_per_element
+  nbytes = run.params * (run.outer_bytes_per_element or run.bytes_per_element) / run.fragments
   if run.layout == "flat":
     return flat_allreduce(nbytes, run.groups(scope), net)
   groups = [(run.devices_per_worker, "worker")] + run.groups(scope)
@@ -205,8 +229,9 @@ def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
 
 
 def period_comm(run: Run, net: Network) -> Comm:
-  """The outer syncs of one period (hierarchical: H2 / H1 - 1 cluster syncs and a global one)."""
-  out = sync_comm(run, net)
+  """The outer syncs of one period (hierarchical: H2 / H1 - 1 cluster syncs and a global one;
+  streaming: the P fragment syncs)."""
+  out = sync_comm(run, net) * run.fragments
   if run.algorithm == "hierarchical":
     out = out + sync_comm(run, net, "cluster") * (run.period // run.sync_every - 1)
   return out
@@ -248,7 +273,7 @@ class Clock:
 
   def step(self, n: int = 1) -> float:
     c, s = self.step_compute_s, self.step_comm_s
-    wall = n * (max(c, s) if self.overlap else c + s)
+    wall = n * (max(c, s) if self.overlap else c + max(0.0, s - self.run.comm_overlap * c))
     self.seconds += wall
     self._since_sync += wall
     self.compute_seconds += n * c * self.busy
@@ -259,7 +284,8 @@ class Clock:
   def sync(self, scope: str = "global") -> float:
     _check("scope", scope, scope in self.sync_time, "'global' or 'cluster'")
     t = self.sync_time[scope]
-    self.seconds += max(0.0, t - self._since_sync) if self.overlap else t
+    hide = (self.run.overlap_steps + self.run.comm_overlap) * self.step_compute_s
+    self.seconds += max(0.0, t - max(self._since_sync, hide) if self.overlap else t - hide)
     self.comm_seconds += t
     self._since_sync = 0.0
     self.syncs += 1
@@ -336,7 +362,8 @@ def _drive(clock: Clock, steps: int, global_sync_at_end: bool) -> Clock:
         and (done < steps or not global_sync_at_end)):
       clock.sync("cluster")
   if global_sync_at_end and run.algorithm != "ddp":
-    clock.sync()
+    for _ in range(run.fragments):  # streaming: P fragment syncs per period
+      clock.sync()
   return clock
 
 
@@ -378,13 +405,13 @@ def bandwidth_needed(target: float, run: Run, dev: str | Device, net: Network,
   x_s, x_o = s.bytes.get(level, 0.0), o.bytes.get(level, 0.0)
   if x_s == 0 and x_o == 0:  # nothing crosses `level`: any bandwidth or none will do
     return 0.0 if utilisation(run, dev, net, overlap) >= target else INF
-  if overlap:
+  if overlap or run.comm_overlap or run.overlap_steps:
     lo, hi = 1.0, 1e18
-    if utilisation(run, dev, net.with_bandwidth(level, hi), True) < target:
+    if utilisation(run, dev, net.with_bandwidth(level, hi), overlap) < target:
       return INF
     for _ in range(200):
       mid = math.sqrt(lo * hi)
-      lo, hi = (mid, hi) if utilisation(run, dev, net.with_bandwidth(level, mid), True) < target \
+      lo, hi = (mid, hi) if utilisation(run, dev, net.with_bandwidth(level, mid), overlap) < target \
           else (lo, mid)
     return hi
   p, w = run.period, getattr(net, level).bandwidth

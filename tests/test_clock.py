@@ -210,3 +210,45 @@ def test_memory_check_verdicts():
 def test_bad_input_raises_value_error_naming_value_and_allowed(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_streaming_fragment_hides_behind_tau_steps_and_backward_share():
+  """P fragments of 1/P the bytes each; a fragment exposes max(0, T / P - (tau + f) T_c)."""
+  net = _net()
+  plain = clock.Clock(_run(workers=4, sync_every=8), "h100", net)
+  t_c, t_sync = plain.step_compute_s, plain.sync_time["global"]
+  for p, tau, f in [(2, 0, 0.0), (4, 1, 0.0), (4, 1, 2 / 3), (8, 0, 0.5)]:
+    run = _run(workers=4, sync_every=8, fragments=p, overlap_steps=tau, comm_overlap=f)
+    clk = clock.Clock(run, "h100", net)
+    assert clk.sync_time["global"] == pytest.approx(t_sync / p)
+    clk.sync()
+    assert clk.seconds == pytest.approx(max(0.0, t_sync / p - (tau + f) * t_c))
+    timing = clock.simulate(run, "h100", net)  # one period: H steps and P fragment syncs
+    assert timing.syncs == p
+    assert timing.total_s == pytest.approx(8 * t_c + p * max(0.0, t_sync / p - (tau + f) * t_c))
+  # DDP: the gradient all-reduce hides behind f of the step
+  ddp = clock.Clock(_run("ddp", workers=4, comm_overlap=0.5), "h100", net)
+  ddp.step()
+  assert ddp.seconds == pytest.approx(ddp.step_compute_s + max(
+      0.0, ddp.step_comm_s - 0.5 * ddp.step_compute_s))
+  # a quantized wire: the outer sync's bytes scale with the bytes per element
+  q = clock.Clock(_run(workers=4, sync_every=8, outer_bytes_per_element=0.5), "h100", net)
+  assert q.sync_time["global"] == pytest.approx(t_sync / 8)
+  with pytest.raises(ValueError, match="overlap_steps"):
+    _run(workers=4, sync_every=8, fragments=4, overlap_steps=2)
+
+
+def test_diloco_scaling_laws_preset_keeps_the_published_order(capsys):
+  """DP above H = 100 above H = 300 at every utilisation (the order of the published table)."""
+  from absl import flags
+  from experiments import bandwidth
+  flags.FLAGS(["bandwidth", "--preset=diloco-scaling-laws"])
+  try:
+    bandwidth.main(["bandwidth"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  out = capsys.readouterr().out
+  rows = {l.split("|")[1].strip(): [float(x.replace(",", "")) for x in l.split("|")[2:-1]]
+          for l in out.splitlines() if l.startswith("| DDP") or l.startswith("| local SGD H=")}
+  ddp, h100, h300 = rows["DDP"], rows["local SGD H=100"], rows["local SGD H=300"]
+  assert all(a > b > c for a, b, c in zip(ddp, h100, h300))
