@@ -128,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # clock.LINKS preset
   c.clock.cluster_link = ""      # link between the workers of one cluster ("": the device's)
   c.clock.overlap = False        # communication overlaps computation
+  c.clock.comm_overlap = 0.0     # share of a step a collective issued in it hides behind (2/3:
+                                 # the backward pass, the published simulators' convention)
   c.clock.model_size = ""        # price the run as this model preset ("": the trained one): a
                                  # small proxy run priced as the model it stands for
   c.clock.tokens_per_step = 0    # tokens per device a step is priced at (0: the run's own; more:
@@ -297,6 +299,8 @@ def _validate_hierarchy(c: ml_collections.ConfigDict) -> None:
   if not (c.clock.inter_bandwidth >= 0 and c.clock.inter_bandwidth < float("inf")):
     raise ValueError(f"clock.inter_bandwidth must be a finite number of Mbit/s >= 0 (0: the "
                      f"link preset's), got {c.clock.inter_bandwidth}.")
+  if not 0.0 <= c.clock.comm_overlap <= 1.0:
+    raise ValueError(f"clock.comm_overlap must be a share in [0, 1], got {c.clock.comm_overlap}.")
   if c.clock.device:
     clock.device(c.clock.device)
     clock.link(c.clock.inter_link)

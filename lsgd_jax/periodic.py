@@ -88,15 +88,18 @@ class Tally:
     if self.sim is not None:
       self.sim.step()
 
-  def outer_sync(self, scope: str | None, moved: float, diag: dict | None) -> None:
-    """Counts the syncs of a step (`scope` None: none ran)."""
+  def outer_sync(self, scope: str | None, moved: float, diag: dict | None,
+                 syncs: int = 1) -> None:
+    """Counts the syncs of a step (`scope` None: none ran; `syncs`: how many, e.g. streaming
+    fragments sent)."""
     if scope is None:
       return
     self.comm_bytes += moved
     if "outer_skipped" in diag:
       self.skipped_rounds = self.skipped_rounds + diag["outer_skipped"]
     if self.sim is not None:  # clock.py prices a global sync with its in-cluster stages
-      self.sim.sync(scope)
+      for _ in range(syncs):
+        self.sim.sync(scope)
 
   def point(self, step: int) -> dict:
     """The counters of the record of `step` (steps done)."""

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 
 from lsgd_jax import clock as clock_lib
-from lsgd_jax import model
+from lsgd_jax import model, quantize
 from lsgd_jax import mesh as mesh_lib
 
 
@@ -21,7 +21,7 @@ def tokens_per_device_step(proxy_tokens: int, global_batch: int, seq_len: int,
 def sim_clock(clock_cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout,
               priced: model.ModelConfig, *, algorithm: str, seq_len: int, tokens_per_step: float,
               sync_every: int, cluster_sync_every: int, speeds: np.ndarray | None,
-              policy: str) -> clock_lib.Clock | None:
+              policy: str, streaming: dict | None = None) -> clock_lib.Clock | None:
   """The simulated wall clock of this run (lsgd_jax/clock.py); None with clock.device = "".
 
   `clock_cfg` is the config's `clock` section; `priced` the model it prices (`priced_model`).
@@ -32,6 +32,7 @@ def sim_clock(clock_cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout,
   hierarchical runs put the workers of a cluster on `clock.cluster_link` and the clusters behind
   `clock.inter_link`. Each worker has |data| devices joined by the device's node link. `speeds`:
   the workers' relative speeds (edge.speeds; None: all equal), under the straggler `policy`.
+  `streaming`: the `clock.Run` fields of a streaming outer sync (`streaming_run`).
   """
   if not clock_cfg.device:
     return None
@@ -43,7 +44,8 @@ def sim_clock(clock_cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout,
       clusters=layout.num_clusters if hier else k,
       sync_every=cluster_sync_every if hier else sync_every,
       global_sync_every=sync_every if hier else 0,
-      layout="two_stage" if layout.two_stage and algorithm == "local_sgd" else "flat")
+      layout="two_stage" if layout.two_stage and algorithm == "local_sgd" else "flat",
+      comm_overlap=clock_cfg.comm_overlap, **(streaming or {}))
   net = clock_lib.Network.for_device(clock_cfg.device, clock_cfg.inter_link,
                                      clock_cfg.cluster_link or None)
   if clock_cfg.inter_bandwidth:
@@ -75,3 +77,13 @@ def memory_report(device: str, layout: mesh_lib.Layout, priced: model.ModelConfi
   return clock_lib.memory_check(model.total_params(m), device, activations=acts,
                                 outer_state=local_sgd,
                                 outer_shards=layout.data_axis_size if layout.two_stage else 1)
+
+
+def streaming_run(local_sgd_cfg: ml_collections.ConfigDict, algorithm: str) -> dict:
+  """The `clock.Run` fields of a streaming outer sync (fragments, overlap, wire bytes per element)
+  from the config's `local_sgd` section."""
+  s = local_sgd_cfg
+  if algorithm != "local_sgd" or s.num_clusters > 1:
+    return {}
+  return dict(fragments=s.num_fragments, overlap_steps=s.overlap_steps,
+              outer_bytes_per_element=quantize.bytes_per_element(s.outer_dtype, s.outer_block))

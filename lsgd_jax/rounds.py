@@ -136,6 +136,7 @@ class Programs:
           np.ones(layout.num_clusters, np.float32),
           layout.sharding(jax.sharding.PartitionSpec("cluster")))
       weights = self.cluster_ones
+    self.syncs_done = 1  # outer syncs the last `outer_syncs` ran (streaming: fragments sent)
     self.stream = None  # streaming outer syncs (lsgd_jax/streaming.py): fragments, overlap, ...
     if isinstance(outer_sync, streaming.Factory):
       self.stream = outer_sync.programs(state, weights)
@@ -150,7 +151,7 @@ class Programs:
     model."""
     if self.stream is not None:
       state, diag, sent, moved = self.stream.outer_syncs(state, step, last, self.rounds.weights)
-      self.fragments_sent = sent
+      self.syncs_done = sent
       return state, diag, "global" if sent else None, moved
     glob = self.sync is not None and ((step + 1) % self.h == 0 or last)
     if not (glob or (self.cluster is not None and (step + 1) % self.h1 == 0)):

@@ -223,7 +223,8 @@ def _pricing(s: Setup):
                           seq_len=c.data.seq_len, tokens_per_step=tokens,
                           sync_every=c.local_sgd.sync_every,
                           cluster_sync_every=c.local_sgd.cluster_sync_every, speeds=speeds,
-                          policy=c.edge.policy)
+                          policy=c.edge.policy,
+                          streaming=pricing.streaming_run(c.local_sgd, c.algorithm))
   memory = pricing.memory_report(c.clock.device, s.layout, priced, seq_len=c.data.seq_len,
                                  tokens_per_step=tokens, local_sgd=s.is_local_sgd)
   return sim, memory
@@ -432,7 +433,7 @@ def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic
       last = step + 1 == total
       with jax.profiler.TraceAnnotation("outer_syncs"):
         state, diag, scope, moved = progs.outer_syncs(state, step, last)
-      tally.outer_sync(scope, moved, diag)
+      tally.outer_sync(scope, moved, diag, progs.syncs_done)
       if not last:
         batch = next_batch(step + 1)  # prepared while the device works
       end = periodic.StepEnd(step + 1, last, state, m, diag, tally.point(step + 1))
