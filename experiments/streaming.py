@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
@@ -114,20 +114,18 @@ def write_report(workdir: str, names: list[str], out: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  with cli.user_errors():
-    base = _CONFIG.value
-    names = [n for n in _RUNS.value]
-    for n in names:
-      if n not in RUNS:
-        raise ValueError(f"Unknown run {n!r}; allowed: {', '.join(RUNS)}.")
-    if not _REPORT_ONLY.value:
-      for name in names:
-        train.train_and_evaluate(run_config(base, name), os.path.join(_WORKDIR.value, _dir(name)),
-                                 name=name)
-    print(write_report(_WORKDIR.value, names, _OUT.value))
+  del argv  # cli.run refuses positional arguments
+  base = _CONFIG.value
+  names = list(_RUNS.value)
+  for n in names:
+    if n not in RUNS:
+      raise ValueError(f"Unknown run {n!r}; allowed: {', '.join(RUNS)}.")
+  if not _REPORT_ONLY.value:
+    for name in names:
+      train.train_and_evaluate(run_config(base, name), os.path.join(_WORKDIR.value, _dir(name)),
+                               name=name)
+  print(write_report(_WORKDIR.value, names, _OUT.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
