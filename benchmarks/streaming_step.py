@@ -4,8 +4,8 @@
     python -m benchmarks.streaming_step --out=benchmarks/results/streaming_step.json
 
 Times blocks of inner steps of cpu-tiny on 8 workers: (a) a plain local SGD state, (b) a
-streaming state (P = 2, tau = 5, eager, int8 wire with error feedback) right after fragment 0
-was sent, so that its eager points and residuals are in the state while the steps run. The
+streaming state (P = 2, tau = 5, eager updates) right after fragment 0 was sent, so that its
+eager points are in the state while the steps run. The
 blocks alternate (a, b, a, b, ...) so that load on a shared machine hits both alike; the table
 gives the median of each and their ratio, and the time of one fragment send (which runs
 serialised between two steps, see lsgd_jax/streaming.py). Writes the numbers as JSON.
@@ -28,8 +28,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Steps per timed block.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed blocks per variant.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/streaming_step.json", "JSON output.")
 
-CFG = streaming.Streaming(num_fragments=2, overlap_steps=5, eager=True, outer_dtype="int8",
-                          error_feedback=True)
+CFG = streaming.Streaming(num_fragments=2, overlap_steps=5, eager=True)
 
 
 def _block(step, state, batch, n):
@@ -77,7 +76,7 @@ def main(argv):
   print("| inner step | median ms | blocks (ms) |\n|---|---|---|")
   for k, v in times.items():
     print(f"| {k} | {1e3 * med[k]:.2f} | {', '.join(f'{1e3 * x:.1f}' for x in v)} |")
-  print(f"\nin flight / plain = {ratio:.4f} (target: within 3%); one fragment send (int8, "
+  print(f"\nin flight / plain = {ratio:.4f} (target: within 3%); one fragment send ("
         f"serialised between steps): {1e3 * float(np.median(sends)):.1f} ms")
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
