@@ -19,8 +19,17 @@ class MeshRun:
   sync: Callable | None
   batch: jax.Array
   state: Any
+  round: Callable | None = None  # scanned_round's program: H steps and the sync in one call
+  batches: jax.Array | None = None  # [H, K, B/K, T+1]: the batch repeated for the scanned round
 
   def run(self, num_steps: int, sync_every: int | None = None) -> None:
+    if self.round is not None and sync_every:  # whole rounds, each one program
+      s = self.state
+      for _ in range(num_steps // sync_every):
+        s = self.round(s, self.batches)
+      jax.block_until_ready(s)
+      self.state = s
+      return
     s = self.state
     for i in range(num_steps):
       s, _ = self.step(s, self.batch)
@@ -38,3 +47,18 @@ def mesh_run(layout: mesh.Layout, algorithm: str, init, loss, tx, outer, tokens)
                  sync=(local_sgd.make_outer_sync(layout, outer) if algorithm == "local_sgd"
                        else None),
                  batch=mesh.put_global(tokens, layout.batch), state=state)
+
+
+def scanned_round(run: MeshRun, sync_every: int) -> MeshRun:
+  """The same run with each round (H inner steps, then the outer sync) one compiled program: a
+  `lax.scan` over the steps, so the host dispatches once per round instead of once per step."""
+  step, sync = run.step, run.sync
+
+  def one_round(state, batches):
+    state, _ = jax.lax.scan(lambda s, b: (step(s, b)[0], None), state, batches)
+    return sync(state)[0]
+
+  batches = jax.device_put(jax.numpy.broadcast_to(run.batch, (sync_every,) + run.batch.shape),
+                           jax.sharding.NamedSharding(run.batch.sharding.mesh, jax.sharding.
+                                                      PartitionSpec(None, *run.batch.sharding.spec)))
+  return dataclasses.replace(run, round=jax.jit(one_round, donate_argnums=0), batches=batches)

@@ -1,0 +1,227 @@
+"""The CPU workload other DiLoCo simulators are compared on (issue 11), measured in one process.
+
+  python -m benchmarks.peer_workload                    # ~6 min on 2 cores
+  python -m benchmarks.peer_workload --devices=8 --reps=1 --steps=10 --profile   # + breakdown
+
+Workload: DiLoCo with K = 8 workers, H = 10, the "cpu-base" decoder (4 layers, width 256, 4 heads,
+SwiGLU 704, vocabulary 1024), sequence 256, 2 sequences per worker per step (4,096 tokens per
+step), float32, AdamW inner / Nesterov outer; DDP on the same global batch. Random tokens already
+on the devices (the input pipeline is measured by benchmarks/data_pipeline.py).
+
+For each device layout in `--devices` (the K workers spread over that many fake CPU devices,
+vmapped where a device holds several) and each algorithm, the benchmark compiles the step, warms
+it up with one whole round, then times `--steps` steps (local SGD: with its outer syncs every H)
+`--reps` times (and, with `--scanned`, local SGD with each round one compiled program: H steps
+in a `lax.scan`, then the sync), the variants interleaved so that load from other processes falls on all of them.
+Reported per variant: tokens/s (median), model GFLOP/s = 6 N_matmul tokens/s (N_matmul: the
+weights of every matmul, output head included; attention scores not counted), that as a share of
+the float32 matmul peak measured in the same process (a 2048^3 `jnp.dot` on one device, median of
+5), and the bytes XLA plans for the step (arguments + temporaries, from the compiled program).
+Because other processes may share the cores, tokens per CPU-second of this process x the core
+count is printed beside wall-clock tokens/s: it is what the variant would reach owning every core
+(spinning pool threads count as work, so it errs low), and it is steadier under load.
+Peak RSS is the process's (all variants). `--profile` adds where one step's time goes (a
+jax.profiler trace of the local SGD step on one device, whose kernels are not preempted by other
+devices' threads, grouped into matmuls, attention, optimizer, copies and other elementwise work).
+Writes JSON (`--out`).
+"""
+
+import os
+import sys
+
+# Kernel-level trace events (for --profile) are only recorded with this flag; they cost nothing
+# while no trace is active, but it is set only when asked.
+_TRACE = " --xla_cpu_enable_xprof_traceme=true" if "--profile" in sys.argv else ""
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8" + _TRACE).strip()
+
+import collections  # noqa: E402
+import functools  # noqa: E402
+import gzip  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from lsgd_jax import mesh, model, optim  # noqa: E402
+
+_DEVICES = flags.DEFINE_list("devices", ["1", "2", "8"], "Device layouts to measure (the 8 "
+                             "workers spread over this many fake CPU devices).")
+_ALGORITHMS = flags.DEFINE_list("algorithms", ["local_sgd", "ddp"], "Algorithms to measure.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per repetition (a multiple of H).")
+_REPS = flags.DEFINE_integer("reps", 3, "Interleaved repetitions (the median is reported).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Add the per-category time breakdown of one local "
+                             "SGD step on one device.")
+_SCANNED = flags.DEFINE_bool("scanned", True, "Also time local SGD with each round (H steps and "
+                             "the sync) compiled as one program (benchmarks/common.scanned_round).")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/peer_workload.json", "JSON output.")
+
+K, H, SEQ, GLOBAL_BATCH, VOCAB, SIZE = 8, 10, 256, 16, 1024, "cpu-base"
+
+
+def matmul_params(cfg: model.ModelConfig) -> int:
+  """Weights of every matmul of the model: per layer 4 d^2 + 3 d d_ff, plus the output head."""
+  d = cfg.d_model
+  return cfg.num_layers * (4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of an n^3 float32 `jnp.dot` on one device (all of its threads), median of `reps`."""
+  dev = jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    dot(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def _category(name: str, op: str) -> str:
+  """The kind of work an XLA:CPU kernel does, from its name and the op_name JAX gave it."""
+  attention = any(s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap("))
+  if "jvp" not in op:
+    return "optimizer (AdamW, clipping)"
+  if attention:
+    return "attention (scores, mask, softmax)"
+  if name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn")):
+    return "matmuls (forward + backward)"
+  if name.startswith(("copy", "transpose")):
+    return "copies / transposes (fused with elementwise)"
+  return "other elementwise (norms, RoPE, SwiGLU, loss)"
+
+
+def profile_breakdown(run, compiled_text: str, steps: int = 3) -> list[dict]:
+  """Milliseconds per step by kernel category, from a jax.profiler trace of `run(steps)`.
+
+  Kernel time is summed over threads, so on a multi-core CPU the total may exceed wall time."""
+  meta = {m.group(1): m.group(2) for m in re.finditer(
+      r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled_text, re.M)}
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      run(steps)
+    path = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in meta:
+      totals[_category(e["name"], meta[e["name"]])] += e.get("dur", 0) / 1e3 / steps
+  whole = sum(totals.values()) or 1.0
+  return [{"category": c, "ms_per_step": v, "share": v / whole} for c, v in totals.most_common()]
+
+
+def main(_):
+  cfg = model.model_config(SIZE, vocab_size=VOCAB, max_seq_len=SEQ)
+  loss = functools.partial(model.loss_fn, cfg)
+  init = functools.partial(model.init_params, cfg)
+  tx = optim.inner_optimizer("adamw", learning_rate=1e-3, total_steps=10**6, warmup_steps=10)
+  outer = optim.outer_optimizer("nesterov")
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (K, GLOBAL_BATCH // K, SEQ + 1))
+  tokens_per_step = GLOBAL_BATCH * SEQ
+  steps = max(_STEPS.value // H, 1) * H
+
+  runs, memory = {}, {}
+  for devices in map(int, _DEVICES.value):
+    layout = mesh.make_layout(K, devices)
+    for algorithm in _ALGORITHMS.value:
+      name = f"{algorithm}, {devices} device{'s' * (devices > 1)}"
+      r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
+      compiled = r.step.lower(r.state, r.batch).compile()
+      mem = compiled.memory_analysis()
+      memory[name] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) if mem else None
+      r.run(H, H if algorithm == "local_sgd" else None)  # compile the sync, warm up one round
+      runs[name] = (r, algorithm, compiled)
+      print(f"compiled {name}", flush=True)
+      if algorithm == "local_sgd" and _SCANNED.value:
+        fresh = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
+        scanned = common.scanned_round(fresh, H)
+        scanned.run(H, H)
+        runs[f"local_sgd scanned, {devices} device{'s' * (devices > 1)}"] = (
+            scanned, algorithm, compiled)
+        memory[f"local_sgd scanned, {devices} device{'s' * (devices > 1)}"] = None
+
+  peak = matmul_peak()
+  times = {name: [] for name in runs}
+  cpu_times = {name: [] for name in runs}
+  for _ in range(_REPS.value):
+    for name, (r, algorithm, _) in runs.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      r.run(steps, H if algorithm == "local_sgd" else None)
+      times[name].append(time.perf_counter() - t0)
+      cpu_times[name].append(time.process_time() - c0)
+  peak = float(np.median([peak, matmul_peak()]))  # before and after: the load may change
+  n_mm = matmul_params(cfg)
+  cpus = os.cpu_count() or 1
+  rows = []
+  for name, ts in times.items():
+    tps = steps * tokens_per_step / float(np.median(ts))
+    cpu_tps = steps * tokens_per_step / (float(np.median(cpu_times[name])) / cpus)
+    rows.append({"variant": name, "tokens_per_sec": tps, "tokens_per_cpu_share": cpu_tps,
+                 "tokens_per_sec_all": [steps * tokens_per_step / t for t in ts],
+                 "model_gflops": 6 * n_mm * tps / 1e9, "share_of_peak": 6 * n_mm * tps / peak,
+                 "planned_bytes": memory[name]})
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+  print(f"\n{SIZE}: K={K}, H={H}, seq {SEQ}, {tokens_per_step} tokens/step, N_matmul {n_mm:,}; "
+        f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; median of {_REPS.value} x {steps} steps; "
+        f"peak RSS {rss / 2**30:.2f} GiB\n")
+  print(f"| {'variant':26s} | tokens/s | tokens/CPU-s x {cpus} | model GFLOP/s | % of peak | "
+        "planned GiB |")
+  print(f"|{'-' * 28}|----------|{'-' * (18 + len(str(cpus)))}|---------------|-----------|"
+        "-------------|")
+  for r in rows:
+    gib = f"{r['planned_bytes'] / 2**30:11.2f}" if r["planned_bytes"] else f"{'-':>11s}"
+    print(f"| {r['variant']:26s} | {r['tokens_per_sec']:8.0f} | "
+          f"{r['tokens_per_cpu_share']:{16 + len(str(cpus))}.0f} | {r['model_gflops']:13.1f} | "
+          f"{100 * r['share_of_peak']:8.1f}% | {gib} |")
+  result = {"config": {"size": SIZE, "workers": K, "sync_every": H, "seq_len": SEQ,
+                       "global_batch": GLOBAL_BATCH, "vocab": VOCAB, "steps": steps,
+                       "reps": _REPS.value, "cpus": os.cpu_count(),
+                       "xla_flags": os.environ.get("XLA_FLAGS", "")},
+            "matmul_peak_flops": peak, "matmul_params": n_mm, "peak_rss_bytes": rss,
+            "rows": rows}
+  for algorithm in _ALGORITHMS.value:
+    pair = [r for r in rows if r["variant"].startswith(algorithm)]
+    best = max(pair, key=lambda r: r["tokens_per_sec"])
+    print(f"fastest {algorithm}: {best['variant']}")
+  lsgd = {r["variant"].split(", ")[1]: r["tokens_per_sec"] for r in rows
+          if r["variant"].startswith("local_sgd,")}
+  ddp = {r["variant"].split(", ")[1]: r["tokens_per_sec"] for r in rows
+         if r["variant"].startswith("ddp")}
+  result["local_sgd_step_over_ddp_step"] = {k: ddp[k] / lsgd[k] for k in lsgd if k in ddp}
+  for k, v in result["local_sgd_step_over_ddp_step"].items():
+    print(f"local SGD time per token / DDP's on {k}: {v:.3f}")
+  scanned = {r["variant"].split(", ")[1]: r["tokens_per_sec"] for r in rows
+             if r["variant"].startswith("local_sgd scanned,")}
+  result["scanned_round_speedup"] = {k: scanned[k] / lsgd[k] for k in scanned if k in lsgd}
+  for k, v in result["scanned_round_speedup"].items():
+    print(f"local SGD scanned round / per-step dispatch on {k}: {v:.3f}x tokens/s")
+  if _PROFILE.value:  # on one device: with more fake devices than cores, kernels are preempted
+    r = common.mesh_run(mesh.make_layout(K, 1), "local_sgd", init, loss, tx, outer,
+                        tokens.astype(np.int32))
+    compiled = r.step.lower(r.state, r.batch).compile()
+    r.run(2)
+    breakdown = profile_breakdown(lambda n: r.run(n), compiled.as_text())
+    result["profile"] = {"variant": "local_sgd inner step, 1 device", "categories": breakdown}
+    print("\nwhere a local SGD inner step's kernel time goes (1 device, summed over threads):")
+    for b in breakdown:
+      print(f"  {b['ms_per_step']:8.1f} ms  {100 * b['share']:5.1f}%  {b['category']}")
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
