@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 200          # inner steps (= DDP steps): the same token budget for both
   c.train.global_batch = 32    # sequences per step over all workers (same for DDP and local SGD)
   c.train.log_every = 10       # steps between metrics.jsonl lines and progress lines
+  c.train.steps_per_call = 0   # inner steps run as one compiled program (a scan; calls are cut at
+                               # every sync, log, eval and checkpoint step): 0 = auto (10 on a
+                               # CPU, 1 elsewhere), 1 = one dispatch per step
   c.train.eval_every = 50      # steps between held-out evaluations (0: only at the end)
   c.train.eval_batches = 4     # held-out batches per evaluation
   c.train.eval_batch = 32      # sequences per held-out batch (a multiple of num_workers x data)
@@ -182,6 +185,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.eval_batch={c.train.eval_batch}: allowed a positive multiple of "
                      "num_workers x devices per worker (or train.eval_batches=0: no evaluation).")
   _validate_rates(c)
+  if not (isinstance(c.train.steps_per_call, int) and c.train.steps_per_call >= 0):
+    raise ValueError(f"train.steps_per_call must be an integer >= 0 (0: auto), got "
+                     f"{c.train.steps_per_call!r}.")
   for key in ("log_every", "eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ValueError(f"train.{key} must be non-negative, got {c.train[key]}.")

@@ -124,6 +124,7 @@ class Programs:
     stats = lambda fn: comm.CommStats.of(comm.collectives(fn, mesh))
     none = comm.CommStats(0, 0.0, {})
     self.step = train_step.lower(state, batch, *rounds.step_args(0)).compile()
+    self._train_step, self._scans = train_step, {}
     self.step_comm = stats(self.step)
     self.sync, self.sync_comm = None, none
     self.cluster, self.cluster_comm, self.h1, self.cluster_ones = None, none, self.h, None
@@ -144,6 +145,16 @@ class Programs:
     elif outer_sync is not None:
       self.sync = outer_sync.lower(state, weights).compile()
       self.sync_comm = stats(self.sync)
+
+  def steps(self, state, batches: jax.Array):
+    """n inner steps in one program (a `lax.scan` of the train step over `batches` [n, ...]):
+    (state, metrics stacked [n, ...]). Compiled once per n; the same numbers as n calls of
+    `step`."""
+    n = batches.shape[0]
+    if n not in self._scans:
+      scan = lambda st, bs: jax.lax.scan(lambda s, b: self._train_step(s, b), st, bs)
+      self._scans[n] = jax.jit(scan, donate_argnums=0)
+    return self._scans[n](state, batches)
 
   def outer_syncs(self, state, step: int, last: bool):
     """The syncs due after `step` (0-based): (state, diagnostics, scope or None, bytes moved per

@@ -286,9 +286,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
   prefetch = data.Prefetcher(s.dataset, start_step=start, depth=c.data.prefetch)
-  batch = s.device_batch(start, next(prefetch)[1])
+  batches = Batches(s.layout, prefetch)
   t0 = time.perf_counter()
-  rounds, progs = _compile(s, state, batch, tag)
+  rounds, progs = _compile(s, state, batches.first(), tag)
   sim, memory = _pricing(s)
   _print_compiled(tag, time.perf_counter() - t0, progs, rounds, memory, c.clock.device)
   tally = periodic.Tally(meta, sim, tokens_per_step=c.train.global_batch * c.data.seq_len,
@@ -298,8 +298,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start == 0 and c.train.eval_every and c.train.eval_batches:  # start of the eval curve
     writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
   t_start = time.perf_counter()
-  state, end, acts = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds, state, batch,
-                            meta, start, tag)
+  state, end, acts = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds, state,
+                            batches, meta, start, tag)
   train_time = time.perf_counter() - t_start
   eval_loss, last_record = acts.evaluation.loss, acts.log.last_record
   with periodic.SignalFlag() as late:  # the final save and export complete before a signal acts
@@ -386,8 +386,8 @@ def _actions(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, stop: period
 
 def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data.Prefetcher,
            writer: metrics_lib.MetricWriter, tally: periodic.Tally, progs: rounds_lib.Programs,
-           rounds: rounds_lib.Rounds, state: local_sgd.TrainState, batch: jax.Array, meta: dict,
-           start: int, tag: str):
+           rounds: rounds_lib.Rounds, state: local_sgd.TrainState, batches: "Batches",
+           meta: dict, start: int, tag: str):
   """Runs the loop with SIGTERM / SIGINT turned into a flag: (state, what the last step left
   (None if no step ran), the actions). On an exception the data thread, a trace, the
   checkpointer (a save in flight completes: the last good checkpoint is kept) and the writer
@@ -398,8 +398,14 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
     try:
       if acts.profile is not None:
         acts.profile.begin(start)
-      state, end = _loop(progs, rounds, tally, acts.ordered(), state, batch,
-                         lambda step: s.device_batch(step, next(prefetch)[1]), start,
+      profiled = (acts.profile.first, acts.profile.stop_at) if acts.profile is not None else ()
+      per_step = rounds.budget or progs.stream is not None
+      syncs = (progs.h, progs.h1) if s.is_local_sgd else ()
+      calls = Calls(steps_per_call(c.train.steps_per_call, per_step), c.train.steps,
+                    cuts=syncs + (c.train.log_every, c.train.eval_every,
+                                  c.checkpoint.every_steps),
+                    at=(c.faults.nan_step,) + profiled)
+      state, end = _loop(progs, rounds, tally, acts.ordered(), state, batches, calls, start,
                          c.train.steps, _poison(c.faults.nan_worker), c.faults.nan_step)
       jax.block_until_ready(state)
       prefetch.close()
@@ -416,30 +422,94 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
   return state, end, acts
 
 
+def steps_per_call(configured: int, per_step: bool) -> int:
+  """Inner steps per call of the compiled step: `train.steps_per_call`, or with 0 ("auto") 10 on
+  a CPU and 1 elsewhere; always 1 when `per_step` (the budget policy's worker mask changes every
+  step; streaming syncs send fragments at offsets inside a round).
+
+  On a CPU the host dispatches every fake device's program for every step and waits for them
+  all; a scan over several steps runs them as one program per device (benchmarks/peer_workload.py:
+  1.1-1.3x tokens/s), with the same numbers bit for bit (tests/test_train.py)."""
+  if per_step:
+    return 1
+  if configured:
+    return configured
+  return 10 if jax.default_backend() == "cpu" else 1
+
+
+class Calls:
+  """Cuts steps [start, total) into calls of the compiled step: a call ends after at most
+  `per_call` steps, and at every step where something may be due: a multiple of a period in
+  `cuts` (outer and cluster syncs, logging, evaluation, step-counted checkpoints), at each step in
+  `at` (the step before an injected fault, the first and last profiled steps), at the run's last
+  step. Time-driven actions (checkpoints by minutes, a signal) are checked after each call."""
+
+  def __init__(self, per_call: int, total: int, cuts: tuple[int, ...], at: tuple[int, ...] = ()):
+    self.per_call, self.total, self.at = per_call, total, frozenset(at)
+    self.cuts = tuple(p for p in cuts if p and p > 0)
+
+  def end(self, step: int) -> int:
+    """Steps done when the call that starts at `step` (steps done so far) returns."""
+    for stop in range(step + 1, min(step + self.per_call, self.total) + 1):
+      if stop == self.total or stop in self.at or any(stop % p == 0 for p in self.cuts):
+        return stop
+    return min(step + self.per_call, self.total)
+
+
+class Batches:
+  """Device batches drawn from the prefetcher: one step's [K, B/K, T+1], or n steps stacked
+  [n, K, B/K, T+1] (the leading axis replicated) for a call of several steps."""
+
+  def __init__(self, layout: mesh_lib.Layout, prefetch: data.Prefetcher):
+    self.layout, self.prefetch = layout, prefetch
+    self._held = [next(prefetch)[1]]  # the first step's batch, also used to compile
+
+  def first(self) -> jax.Array:
+    return mesh_lib.put_global(self._held[0], self.layout.batch)
+
+  def take(self, n: int) -> jax.Array:
+    hosts = self._held + [next(self.prefetch)[1] for _ in range(n - len(self._held))]
+    self._held = []
+    if n == 1:
+      return mesh_lib.put_global(hosts[0], self.layout.batch)
+    stacked = self.layout.sharding(jax.sharding.PartitionSpec(None, *self.layout.batch.spec))
+    return mesh_lib.put_global(np.stack(hosts), stacked)
+
+
 def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic.Tally,
-          actions: list, state: local_sgd.TrainState, batch: jax.Array,
-          next_batch: Callable[[int], jax.Array], start: int, total: int, poison: Callable,
-          nan_step: int):
-  """Steps `start` .. `total` - 1: the inner step, the outer syncs due, then each periodic action
-  that is due (in order). Returns the final state and what the last step left (None if none
-  ran). The trace annotations name each step and its outer syncs in a profile."""
-  end = None
-  for step in range(start, total):
+          actions: list, state: local_sgd.TrainState, batches: "Batches", calls: "Calls",
+          start: int, total: int, poison: Callable, nan_step: int):
+  """Steps `start` .. `total` - 1, a call of the compiled step at a time (`calls`): the inner
+  steps, the outer syncs due, then each periodic action that is due (in order). Returns the final
+  state and what the last step left (None if none ran). The trace annotations name each call by
+  its first step, and its outer syncs, in a profile."""
+  end, step = None, start
+  n = calls.end(step) - step
+  batch = batches.take(n)
+  while step < total:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       if step == nan_step:
         state = poison(state)  # fault injection: one worker's parameters become NaN
-      state, m = progs.step(state, batch, *rounds.step_args(step))
-      tally.inner_step(progs.step_comm.wire_bytes)
-      last = step + 1 == total
+      if n == 1:
+        state, m = progs.step(state, batch, *rounds.step_args(step))
+      else:
+        state, m = progs.steps(state, batch)
+        m = jax.tree.map(lambda x: x[-1], m)  # the last step's metrics: the one a record reads
+      for _ in range(n):
+        tally.inner_step(progs.step_comm.wire_bytes)
+      stop = step + n
+      last = stop == total
       with jax.profiler.TraceAnnotation("outer_syncs"):
-        state, diag, scope, moved = progs.outer_syncs(state, step, last)
+        state, diag, scope, moved = progs.outer_syncs(state, stop - 1, last)
       tally.outer_sync(scope, moved, diag, progs.syncs_done)
-      if not last:
-        batch = next_batch(step + 1)  # prepared while the device works
-      end = periodic.StepEnd(step + 1, last, state, m, diag, tally.point(step + 1))
-      for action in actions:
+      end = periodic.StepEnd(stop, last, state, m, diag, tally.point(stop))
+      for action in actions:  # a checkpoint here reads the data position of step `stop`
         if action.due(end):
           action(end)
+      step = stop
+      if not last:
+        n = calls.end(step) - step
+        batch = batches.take(n)  # prepared while the device works
   return state, end
 
 
