@@ -1,13 +1,24 @@
-"""What the benchmarks share: a local SGD or DDP run on a mesh, ready to time."""
+"""What the benchmarks share: a local SGD or DDP run on a mesh, ready to time; the matmul
+FLOPs of a model, the fp32 matmul peak, and a kernel-time breakdown from a profiler trace."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from lsgd_jax import local_sgd, mesh
+from lsgd_jax import local_sgd, mesh, model
 
 
 @dataclasses.dataclass
@@ -62,3 +73,58 @@ def scanned_round(run: MeshRun, sync_every: int) -> MeshRun:
                            jax.sharding.NamedSharding(run.batch.sharding.mesh, jax.sharding.
                                                       PartitionSpec(None, *run.batch.sharding.spec)))
   return dataclasses.replace(run, round=jax.jit(one_round, donate_argnums=0), batches=batches)
+
+
+def matmul_params(cfg: model.ModelConfig) -> int:
+  """Weights of every matmul of the model: per layer 4 d^2 + 3 d d_ff, plus the output head."""
+  d = cfg.d_model
+  return cfg.num_layers * (4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of an n^3 float32 `jnp.dot` on one device (all of its threads), median of `reps`."""
+  dev = jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    dot(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def _category(name: str, op: str) -> str:
+  """The kind of work an XLA:CPU kernel does, from its name and the op_name JAX gave it."""
+  attention = any(s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap("))
+  if "jvp" not in op:
+    return "optimizer (AdamW, clipping)"
+  if attention:
+    return "attention (scores, mask, softmax)"
+  if name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn")):
+    return "matmuls (forward + backward)"
+  if name.startswith(("copy", "transpose")):
+    return "copies / transposes (fused with elementwise)"
+  return "other elementwise (norms, RoPE, SwiGLU, loss)"
+
+
+def profile_breakdown(run, compiled_text: str, steps: int = 3) -> list[dict]:
+  """Milliseconds per step by kernel category, from a jax.profiler trace of `run(steps)`.
+
+  Kernel time is summed over threads, so on a multi-core CPU the total may exceed wall time."""
+  meta = {m.group(1): m.group(2) for m in re.finditer(
+      r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled_text, re.M)}
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      run(steps)
+    path = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["name"] in meta:
+      totals[_category(e["name"], meta[e["name"]])] += e.get("dur", 0) / 1e3 / steps
+  whole = sum(totals.values()) or 1.0
+  return [{"category": c, "ms_per_step": v, "share": v / whole} for c, v in totals.most_common()]

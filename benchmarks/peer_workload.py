@@ -35,18 +35,11 @@ _TRACE = " --xla_cpu_enable_xprof_traceme=true" if "--profile" in sys.argv else 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8" + _TRACE).strip()
 
-import collections  # noqa: E402
 import functools  # noqa: E402
-import gzip  # noqa: E402
-import glob  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import resource  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -65,61 +58,6 @@ _SCANNED = flags.DEFINE_bool("scanned", True, "Also time local SGD with each rou
 _OUT = flags.DEFINE_string("out", "benchmarks/results/peer_workload.json", "JSON output.")
 
 K, H, SEQ, GLOBAL_BATCH, VOCAB, SIZE = 8, 10, 256, 16, 1024, "cpu-base"
-
-
-def matmul_params(cfg: model.ModelConfig) -> int:
-  """Weights of every matmul of the model: per layer 4 d^2 + 3 d d_ff, plus the output head."""
-  d = cfg.d_model
-  return cfg.num_layers * (4 * d * d + 3 * d * cfg.d_ff) + d * cfg.vocab_size
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of an n^3 float32 `jnp.dot` on one device (all of its threads), median of `reps`."""
-  dev = jax.devices()[0]
-  a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
-  dot = jax.jit(jnp.dot)
-  dot(a, a).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    dot(a, a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / float(np.median(times))
-
-
-def _category(name: str, op: str) -> str:
-  """The kind of work an XLA:CPU kernel does, from its name and the op_name JAX gave it."""
-  attention = any(s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap("))
-  if "jvp" not in op:
-    return "optimizer (AdamW, clipping)"
-  if attention:
-    return "attention (scores, mask, softmax)"
-  if name.startswith(("dot", "ynn_fusion", "xnn_fusion", "onednn")):
-    return "matmuls (forward + backward)"
-  if name.startswith(("copy", "transpose")):
-    return "copies / transposes (fused with elementwise)"
-  return "other elementwise (norms, RoPE, SwiGLU, loss)"
-
-
-def profile_breakdown(run, compiled_text: str, steps: int = 3) -> list[dict]:
-  """Milliseconds per step by kernel category, from a jax.profiler trace of `run(steps)`.
-
-  Kernel time is summed over threads, so on a multi-core CPU the total may exceed wall time."""
-  meta = {m.group(1): m.group(2) for m in re.finditer(
-      r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled_text, re.M)}
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      run(steps)
-    path = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    with gzip.open(path) as f:
-      trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  totals = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e["name"] in meta:
-      totals[_category(e["name"], meta[e["name"]])] += e.get("dur", 0) / 1e3 / steps
-  whole = sum(totals.values()) or 1.0
-  return [{"category": c, "ms_per_step": v, "share": v / whole} for c, v in totals.most_common()]
 
 
 def main(_):
@@ -152,7 +90,7 @@ def main(_):
             scanned, algorithm, compiled)
         memory[f"local_sgd scanned, {devices} device{'s' * (devices > 1)}"] = None
 
-  peak = matmul_peak()
+  peak = common.matmul_peak()
   times = {name: [] for name in runs}
   cpu_times = {name: [] for name in runs}
   for _ in range(_REPS.value):
@@ -161,8 +99,8 @@ def main(_):
       r.run(steps, H if algorithm == "local_sgd" else None)
       times[name].append(time.perf_counter() - t0)
       cpu_times[name].append(time.process_time() - c0)
-  peak = float(np.median([peak, matmul_peak()]))  # before and after: the load may change
-  n_mm = matmul_params(cfg)
+  peak = float(np.median([peak, common.matmul_peak()]))  # before and after: the load may change
+  n_mm = common.matmul_params(cfg)
   cpus = os.cpu_count() or 1
   rows = []
   for name, ts in times.items():
@@ -213,7 +151,7 @@ def main(_):
                         tokens.astype(np.int32))
     compiled = r.step.lower(r.state, r.batch).compile()
     r.run(2)
-    breakdown = profile_breakdown(lambda n: r.run(n), compiled.as_text())
+    breakdown = common.profile_breakdown(lambda n: r.run(n), compiled.as_text())
     result["profile"] = {"variant": "local_sgd inner step, 1 device", "categories": breakdown}
     print("\nwhere a local SGD inner step's kernel time goes (1 device, summed over threads):")
     for b in breakdown:

@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 import sys
-import traceback
 from typing import Callable
 
 from absl import app, flags, logging

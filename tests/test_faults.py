@@ -159,7 +159,7 @@ def test_a_chain_of_faults_loses_nothing(reference, tmp_path):
   full = _run(w, preexec_fn=small_disk)
   assert full.returncode == 1, full.stderr[-3000:]
   line = _error_line(full)
-  assert f"cannot write checkpoint" in line and os.path.join(w, "checkpoints") in line
+  assert "cannot write checkpoint" in line and os.path.join(w, "checkpoints") in line
   assert "it needs about" in line and "MB" in line
   assert not _temporaries(w)
 

@@ -1,4 +1,5 @@
-"""benchmarks/peer_workload.py: the FLOP count it reports and the kernel categories of its profile."""
+"""benchmarks/peer_workload.py (its helpers in benchmarks/common.py): the FLOP count it reports and
+the kernel categories of its profile."""
 
 import os
 import sys
@@ -6,19 +7,19 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import peer_workload  # noqa: E402
+from benchmarks import common  # noqa: E402
 from lsgd_jax import model  # noqa: E402
 
 
 def test_matmul_params_of_the_peer_workload():
   # By hand (issue 11): 4 layers x (4 x 256^2 + 3 x 256 x 704) + the 256 x 1024 output head.
   cfg = model.model_config("cpu-base", vocab_size=1024, max_seq_len=256)
-  assert peer_workload.matmul_params(cfg) == 4 * (4 * 256**2 + 3 * 256 * 704) + 256 * 1024
-  assert peer_workload.matmul_params(cfg) == 3_473_408
+  assert common.matmul_params(cfg) == 4 * (4 * 256**2 + 3 * 256 * 704) + 256 * 1024
+  assert common.matmul_params(cfg) == 3_473_408
 
 
 def test_kernel_categories():
-  cat = peer_workload._category
+  cat = common._category
   assert cat("ynn_fusion.3", "jit(train_step)/vmap(jvp())/dot_general").startswith("matmuls")
   assert cat("ynn_fusion.9", "jit(train_step)/vmap(transpose(jvp()))/dot_general").startswith(
       "matmuls")
