@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 import re
 import sys
@@ -107,6 +108,13 @@ def _parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -
     _exit(message, 2)
 
 
+def _no_library_error_tracebacks(record: std_logging.LogRecord) -> bool:
+  """Drops orbax's error records (each with a traceback): the error they log is raised to the
+  boundary and printed once, as one line (`--traceback` keeps them)."""
+  return not (record.levelno >= std_logging.ERROR and
+              "/orbax/" in record.pathname.replace(os.sep, "/"))
+
+
 def _exit(message: str, code: int):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
@@ -117,6 +125,12 @@ def user_errors():
   """Turns any exception in its body into one line and a non-zero exit (see the docstring)."""
   if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if not (flags.FLAGS.is_parsed() and _TRACEBACK.value):
+    # A failed background write (orbax / tensorstore on a full disk) is reported as the run's one
+    # error line; asyncio and orbax's threads would also log its traceback once per failed task.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+    for handler in {logging.get_absl_handler(), *std_logging.getLogger().handlers}:
+      handler.addFilter(_no_library_error_tracebacks)
   try:
     yield
   except (SystemExit, GeneratorExit):

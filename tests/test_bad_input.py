@@ -225,3 +225,12 @@ def test_fit_refuses_empty_bootstraps_and_impossible_levels():
 
 def test_sweep_without_workdir():
   assert "--workdir is required" in _binary("sweep", "--config=configs/scaling_cpu.py", code=1)
+
+
+def test_orbax_error_records_are_left_to_the_one_line():
+  import logging as std_logging  # pylint: disable=import-outside-toplevel
+  record = lambda level, path: std_logging.LogRecord("absl", level, path, 1, "m", None, None)
+  orbax = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+  assert not cli._no_library_error_tracebacks(record(std_logging.ERROR, orbax))
+  assert cli._no_library_error_tracebacks(record(std_logging.WARNING, orbax))
+  assert cli._no_library_error_tracebacks(record(std_logging.ERROR, "/work/lsgd_jax/train.py"))
