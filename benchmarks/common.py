@@ -30,7 +30,7 @@ class MeshRun:
   sync: Callable | None
   batch: jax.Array
   state: Any
-  round: Callable | None = None  # scanned_round's program: H steps and the sync in one call
+  round: Callable | None = None  # scanned_round: a round as the CPU loop runs it
   batches: jax.Array | None = None  # [H, K, B/K, T+1]: the batch repeated for the scanned round
 
   def run(self, num_steps: int, sync_every: int | None = None) -> None:
@@ -61,18 +61,17 @@ def mesh_run(layout: mesh.Layout, algorithm: str, init, loss, tx, outer, tokens)
 
 
 def scanned_round(run: MeshRun, sync_every: int) -> MeshRun:
-  """The same run with each round (H inner steps, then the outer sync) one compiled program: a
-  `lax.scan` over the steps, so the host dispatches once per round instead of once per step."""
+  """The same run as the training loop runs it on a CPU (`train.steps_per_call`): each round's H
+  inner steps one compiled program (a `lax.scan` of the step), then the outer sync, so the host
+  dispatches twice per round instead of H + 1 times."""
   step, sync = run.step, run.sync
-
-  def one_round(state, batches):
-    state, _ = jax.lax.scan(lambda s, b: (step(s, b)[0], None), state, batches)
-    return sync(state)[0]
-
+  steps = jax.jit(lambda state, batches: jax.lax.scan(lambda s, b: step(s, b), state, batches),
+                  donate_argnums=0)
   batches = jax.device_put(jax.numpy.broadcast_to(run.batch, (sync_every,) + run.batch.shape),
                            jax.sharding.NamedSharding(run.batch.sharding.mesh, jax.sharding.
                                                       PartitionSpec(None, *run.batch.sharding.spec)))
-  return dataclasses.replace(run, round=jax.jit(one_round, donate_argnums=0), batches=batches)
+  return dataclasses.replace(run, round=lambda state, b: sync(steps(state, b)[0])[0],
+                             batches=batches)
 
 
 def matmul_params(cfg: model.ModelConfig) -> int:

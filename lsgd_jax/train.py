@@ -429,7 +429,7 @@ def steps_per_call(configured: int, per_step: bool) -> int:
 
   On a CPU the host dispatches every fake device's program for every step and waits for them
   all; a scan over several steps runs them as one program per device (benchmarks/peer_workload.py:
-  1.1-1.3x tokens/s), with the same numbers bit for bit (tests/test_train.py)."""
+  1.1-1.3x tokens/s), with the same numbers bit for bit (tests/test_calls.py)."""
   if per_step:
     return 1
   if configured:
