@@ -67,9 +67,9 @@ def scanned_round(run: MeshRun, sync_every: int) -> MeshRun:
   step, sync = run.step, run.sync
   steps = jax.jit(lambda state, batches: jax.lax.scan(lambda s, b: step(s, b), state, batches),
                   donate_argnums=0)
-  batches = jax.device_put(jax.numpy.broadcast_to(run.batch, (sync_every,) + run.batch.shape),
-                           jax.sharding.NamedSharding(run.batch.sharding.mesh, jax.sharding.
-                                                      PartitionSpec(None, *run.batch.sharding.spec)))
+  stacked = jax.sharding.NamedSharding(
+      run.batch.sharding.mesh, jax.sharding.PartitionSpec(None, *run.batch.sharding.spec))
+  batches = jax.device_put(jnp.broadcast_to(run.batch, (sync_every,) + run.batch.shape), stacked)
   return dataclasses.replace(run, round=lambda state, b: sync(steps(state, b)[0])[0],
                              batches=batches)
 
