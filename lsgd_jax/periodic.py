@@ -144,6 +144,17 @@ class Divergence:
         "or set train.on_nonfinite='skip' to skip non-finite steps and rounds.")
 
 
+def eval_period(eval_every: int, sync_every: int, local_sgd: bool) -> int:
+  """Steps between evaluations. Local SGD is scored on its global parameters, which are current
+  only right after an outer sync (mid-round they are up to H - 1 steps old while the token count
+  runs on), so its `eval_every` is rounded up to a multiple of H: every evaluation falls on a sync
+  boundary (H = `local_sgd.sync_every`, the global sync of hierarchical runs). DDP keeps
+  `eval_every`; 0 (only at the end) stays 0."""
+  if not local_sgd or not eval_every or eval_every % sync_every == 0:
+    return eval_every
+  return -(-eval_every // sync_every) * sync_every
+
+
 class Evaluation:
   """Held-out loss every `every` steps (0: only at the end) and at the last step, if there are
   eval batches; `loss` is the latest."""

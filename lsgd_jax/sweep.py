@@ -54,8 +54,10 @@ GRID_KEYS = ("sizes", "algorithms", "sync_every", "num_workers", "outer", "budge
 BUDGETS = ("steps", "tokens", "tokens_per_param", "flops")
 COLUMNS = ("grid", "model_size", "algorithm", "num_workers", "sync_every", "outer_optimizer",
            "outer_lr", "outer_momentum", "lr", "seed", "steps", "global_batch", "seq_len",
-           "non_embedding_params", "tokens", "flops", "eval_loss", "final_train_loss",
-           "train_seconds", "tokens_per_sec", "comm_bytes", "status", "workdir")
+           "non_embedding_params", "tokens", "tokens_per_param", "flops", "eval_loss",
+           "final_train_loss", "train_seconds", "wall_seconds", "tokens_per_sec", "comm_bytes",
+           "transferred", "lr_extended", "status", "workdir")
+TUNED = "tuned"  # in a grid's `lrs` / `outer`: the tuned value of the size and budget
 # Peak dense bf16 FLOP/s of whole machines, for cost estimates (vendor data sheets).
 HARDWARE = {"8xH100": 8 * 989e12, "8xA100": 8 * 312e12, "v5e-64": 64 * 197e12,
             "v5p-128": 64 * 459e12, "v4-64": 32 * 275e12}
@@ -83,6 +85,12 @@ def sweep_section() -> ml_collections.ConfigDict:
                                                # e.g. {"train": {"global_batch": 256}}
   s.tune_lr_on = "ddp"             # algorithm whose runs try every lr; the others use its best lr
                                    # per size and budget ("": every algorithm tries every lr)
+  s.extend_lr_grid = 0             # > 0: when the best lr of a tuning group (the runs that differ
+                                   # only in lr) is the grid's largest or smallest, train the next
+                                   # lr beyond it (the edge spacing again), up to this many per side
+  # A grid may set `lrs = ["tuned"]` and (local SGD) `outer = ["tuned"]`: its runs take the
+  # learning rate / outer optimizer of the best seed-`seeds[0]` run of the same size, budget and
+  # algorithm among the runs that tried them (seeds, H and K ablations at the tuned settings).
   s.grids = ml_collections.ConfigDict()  # name -> replacements of the lists above (ablations)
   s.reports = ml_collections.ConfigDict({"report": ["main"]})  # folder -> the grids whose runs
                                    # its scaling report (experiments/fit.py) fits ({}: none)
@@ -103,15 +111,23 @@ class Run:
   seed: int
   lr: float | None
   grids: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+  transfer: tuple[str, ...] = ()  # "lr" / "outer": taken from the tuned run (`sweep.TUNED`)
+  extended: bool = dataclasses.field(default=False, compare=False)  # an lr-grid extension
+
+  def resolved(self, lr: float, outer: tuple[str, float, float] | None) -> "Run":
+    """This run with its tuned learning rate and outer optimizer filled in."""
+    return dataclasses.replace(self, lr=lr, outer=outer if "outer" in self.transfer else self.outer)
 
   def name(self, lr: float | None = None) -> str:
     lr = self.lr if lr is None else lr
     parts = [f"size={self.size}", f"alg={self.algorithm}"]
-    if self.outer is not None:
+    if self.outer is not None or self.algorithm != "ddp":
       parts.append(f"H={self.sync_every}")
     parts.append(f"K={self.num_workers}")
     if self.outer is not None:
       parts.append(f"outer={outer_name(self.outer)}")
+    elif self.algorithm != "ddp" and "outer" in self.transfer:
+      parts.append(f"outer={TUNED}")
     parts += [f"lr={format_lr(lr) if lr is not None else 'tuned'}", f"steps={self.steps}",
               f"seed={self.seed}"]
     return ",".join(parts)
@@ -124,6 +140,7 @@ def format_lr(v: float) -> str:
 
 
 def outer_name(outer: tuple[str, float, float]) -> str:
+  """"average" or "NAME-LR-MOMENTUM", e.g. "nesterov-0.7-0.9"."""
   name, lr, momentum = outer
   return "average" if name == "average" else f"{name}-{lr:g}-{momentum:g}"
 
@@ -201,6 +218,8 @@ def run_config(config: ml_collections.ConfigDict, run: Run,
   c = training_config(config, run.size)
   c.algorithm, c.seed = run.algorithm, run.seed
   c.local_sgd.num_workers = run.num_workers
+  if run.outer is None and run.algorithm != "ddp":
+    raise ValueError(f"{run.name()}: its outer optimizer is not tuned yet.")
   if run.outer is not None:
     c.local_sgd.sync_every = run.sync_every
     c.local_sgd.outer_optimizer, c.local_sgd.outer_lr, c.local_sgd.outer_momentum = run.outer
@@ -246,34 +265,71 @@ def plan(config: ml_collections.ConfigDict) -> list[Run]:
         raise ValueError(f"sweep grid {grid!r}: `{key}` is empty.")
     for size in spec["sizes"]:
       base = training_config(config, size)
-      lrs = [float(v) for v in (sw.lr_per_size[size] if size in sw.lr_per_size
-                                else spec["lrs"] or [base.optim.lr])]
+      transfer_lr = list(spec["lrs"]) == [TUNED]
+      if TUNED in spec["lrs"] and not transfer_lr or TUNED in spec["outer"] and spec["outer"] != [
+          TUNED]:
+        raise ValueError(f"sweep grid {grid!r}: {TUNED!r} must be the only value of its list.")
+      lrs = [None] if transfer_lr else [
+          float(v) for v in (sw.lr_per_size[size] if size in sw.lr_per_size
+                             else spec["lrs"] or [base.optim.lr])]
       budgets = spec["budgets"] or [None]
       for alg, k, budget, seed in itertools.product(spec["algorithms"], spec["num_workers"],
                                                     budgets, spec["seeds"]):
+        transfer = ("lr",) if transfer_lr else ()
         if alg == "local_sgd":
-          variants = [(int(h), parse_outer(o, base.local_sgd))
-                      for h, o in itertools.product(spec["sync_every"], spec["outer"])]
+          if spec["outer"] == [TUNED]:
+            transfer += ("outer",)
+            variants = [(int(h), None) for h in spec["sync_every"]]
+          else:
+            variants = [(int(h), parse_outer(o, base.local_sgd))
+                        for h, o in itertools.product(spec["sync_every"], spec["outer"])]
         else:
           variants = [(1, None)]
-        tuned_here = len(lrs) == 1 or not tune_on or alg == tune_on
+        tuned_here = transfer_lr or len(lrs) == 1 or not tune_on or alg == tune_on
         for (h, outer), lr in itertools.product(variants, lrs if tuned_here else [None]):
           run = Run(size, alg, int(k), h, outer, budget_steps(base, sw.budget, budget),
-                    int(seed), lr)
+                    int(seed), lr, transfer=transfer if alg == "local_sgd" else
+                    tuple(t for t in transfer if t == "lr"))
           runs.setdefault(run, [])
           if grid not in runs[run]:
             runs[run].append(grid)
   out = [dataclasses.replace(r, grids=tuple(g)) for r, g in runs.items()]
   for r in out:  # every run's config must validate; every tuned run needs its tuning runs
-    c = run_config(config, r, r.lr if r.lr is not None else 1e-3)
+    c = run_config(config, r.resolved(r.lr or 1e-3, ("nesterov", 0.7, 0.9)))
     config_lib.validate(c)
-    if r.lr is None and not any(t.lr is not None and t.algorithm == tune_on and t.size == r.size
-                                and t.steps == r.steps for t in out):
+    if r.transfer:
+      if not any(not t.transfer and t.algorithm == r.algorithm and t.size == r.size
+                 and t.steps == r.steps for t in out):
+        raise ValueError(f"{r.name()}: it takes the tuned {' and '.join(r.transfer)} of the "
+                         f"{r.algorithm} runs of size {r.size} with {r.steps} steps, but the "
+                         "sweep has none that try them; add them to a grid.")
+    elif r.lr is None and not any(t.lr is not None and t.algorithm == tune_on and
+                                  t.size == r.size and t.steps == r.steps for t in out):
       raise ValueError(f"{r.name()}: its learning rate is tuned on {tune_on!r} runs of size "
                        f"{r.size} with {r.steps} steps, but the sweep has none; add "
                        f"{tune_on!r} to that grid's algorithms or give it a single lr.")
   sizes = {r.size: size_stats(training_config(config, r.size))[0] for r in out}
-  return sorted(out, key=lambda r: (sizes[r.size], r.size, r.steps, r.lr is None))
+  return sorted(out, key=lambda r: (sizes[r.size], r.size, r.steps, r.lr is None,
+                                    bool(r.transfer)))
+
+
+def tuned_setting(rows: Sequence[dict], run: Run, seed: int
+                  ) -> tuple[float, tuple[str, float, float] | None] | None:
+  """(lr, outer) of the finished seed-`seed` run of lowest eval loss among the runs of `run`'s
+  size, budget and algorithm that tried settings themselves (no transferred values); None if
+  none finished with a finite loss."""
+  best = None
+  for r in rows:
+    if (r["algorithm"] == run.algorithm and r["model_size"] == run.size
+        and int(r["steps"]) == run.steps and int(r["seed"]) == seed and not r["transferred"]
+        and r["status"] == "done" and math.isfinite(float(r["eval_loss"]))):
+      if best is None or float(r["eval_loss"]) < float(best["eval_loss"]):
+        best = r
+  if best is None:
+    return None
+  outer = ((best["outer_optimizer"], float(best["outer_lr"]), float(best["outer_momentum"]))
+           if best["outer_optimizer"] else None)
+  return float(best["lr"]), outer
 
 
 def tuned_lr(rows: Sequence[dict], size: str, steps: int, algorithm: str = "ddp") -> float | None:
@@ -293,7 +349,9 @@ def tuned_lr(rows: Sequence[dict], size: str, steps: int, algorithm: str = "ddp"
 
 
 def _row(config: ml_collections.ConfigDict, run: Run, lr: float, rundir: str, status: str,
-         results: dict | None) -> dict[str, Any]:
+         results: dict | None, wall: float = math.nan) -> dict[str, Any]:
+  if run.outer is None and run.algorithm != "ddp":  # only for estimates: not yet tuned
+    run = run.resolved(lr, ("nesterov", 0.7, 0.9))
   c = run_config(config, run, lr)
   n, flops_per_token = size_stats(c)
   tokens = run.steps * c.train.global_batch * c.data.seq_len
@@ -304,8 +362,10 @@ def _row(config: ml_collections.ConfigDict, run: Run, lr: float, rundir: str, st
          "outer_momentum": run.outer[2] if run.outer else "",
          "lr": lr, "seed": run.seed, "steps": run.steps, "global_batch": c.train.global_batch,
          "seq_len": c.data.seq_len, "non_embedding_params": n, "tokens": tokens,
-         "flops": tokens * flops_per_token, "eval_loss": math.nan, "final_train_loss": math.nan,
-         "train_seconds": math.nan, "tokens_per_sec": math.nan, "comm_bytes": math.nan,
+         "tokens_per_param": tokens / n, "flops": tokens * flops_per_token,
+         "eval_loss": math.nan, "final_train_loss": math.nan, "train_seconds": math.nan,
+         "wall_seconds": wall, "tokens_per_sec": math.nan, "comm_bytes": math.nan,
+         "transferred": "+".join(run.transfer), "lr_extended": int(run.extended),
          "status": status, "workdir": os.path.basename(rundir)}
   for key in ("non_embedding_params", "tokens", "flops", "eval_loss", "final_train_loss",
               "train_seconds", "tokens_per_sec", "comm_bytes"):
@@ -386,7 +446,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
   train_fn = train_fn or train.train_and_evaluate
   runs = plan(config)
   for r in runs:  # every run fits the devices (fails now, not an hour in)
-    c = run_config(config, r, r.lr or 1e-3)
+    c = run_config(config, r.resolved(r.lr or 1e-3, ("nesterov", 0.7, 0.9)))
     try:
       mesh_lib.check_batch(mesh_lib.make_layout(r.num_workers, c.mesh.num_devices or None),
                            c.train.global_batch)
@@ -405,22 +465,20 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
   rows: list[dict] = []
   eta, t0 = _Eta(), time.perf_counter()
   counts = {"trained": 0, "skipped": 0, "failed": 0}
-  for i, run in enumerate(runs):
-    lr = run.lr
-    if lr is None:
-      lr = tuned_lr(rows, run.size, run.steps, config.sweep.tune_lr_on)
-    if lr is None:  # every tuning run diverged
-      log(f"[sweep {i + 1}/{len(runs)}] {run.name()}: no finite {config.sweep.tune_lr_on} loss "
-          "to tune its learning rate on; not run")
-      counts["failed"] += 1
-      continue
+  groups = _lr_groups(runs) if config.sweep.extend_lr_grid > 0 else {}
+
+  def train_one(i: int, run: Run, lr: float) -> None:
+    """Trains (or skips, if finished) one run and appends its row."""
     name = run.name(lr)
     rundir = os.path.join(workdir, name)
     results_path, failed_path = (os.path.join(rundir, f) for f in ("results.json", "failed.json"))
+    wall_path = os.path.join(rundir, "wall_seconds.json")
     t_run = time.perf_counter()
     if os.path.exists(results_path):
       with open(results_path) as f:
-        row = _row(config, run, lr, rundir, "done", json.load(f))
+        results = json.load(f)
+      wall = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else math.nan
+      row = _row(config, run, lr, rundir, "done", results, wall)
       counts["skipped"] += 1
       what = "finished before"
     elif os.path.exists(failed_path) and not retry_failed:
@@ -431,10 +489,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
       log(f"[sweep {i + 1}/{len(runs)}] training {name}")
       try:
         results = train_fn(run_config(config, run, lr), rundir)
-        row = _row(config, run, lr, rundir, "done", results)
+        wall = time.perf_counter() - t_run
+        row = _row(config, run, lr, rundir, "done", results, wall)
         what = "trained"
-        if lead and os.path.exists(failed_path):
-          os.remove(failed_path)
+        if lead:
+          with open(wall_path, "w") as f:
+            json.dump({"wall_seconds": wall}, f)
+          if os.path.exists(failed_path):
+            os.remove(failed_path)
       except FloatingPointError as e:  # diverged: a result of the grid, not a bug
         if lead:
           os.makedirs(rundir, exist_ok=True)
@@ -454,6 +516,30 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
     log(f"[sweep {i + 1}/{len(runs)}] {name}: {what}, eval loss {float(row['eval_loss']):.4f} | "
         f"{counts['trained']} trained, {counts['skipped']} skipped, {counts['failed']} failed | "
         f"elapsed {_fmt_time(time.perf_counter() - t0)}, ETA {_fmt_time(left)}")
+
+  for i, run in enumerate(runs):
+    lr = run.lr
+    if run.transfer:
+      tuned = tuned_setting(rows, run, int(config.sweep.seeds[0]))
+      if tuned is None:
+        log(f"[sweep {i + 1}/{len(runs)}] {run.name()}: no finished {run.algorithm} run of its "
+            "size and budget to take its tuned settings from; not run")
+        counts["failed"] += 1
+        continue
+      run = run.resolved(*tuned)
+      lr = run.lr
+    elif lr is None:
+      lr = tuned_lr(rows, run.size, run.steps, config.sweep.tune_lr_on)
+    if lr is None:  # every tuning run diverged
+      log(f"[sweep {i + 1}/{len(runs)}] {run.name()}: no finite {config.sweep.tune_lr_on} loss "
+          "to tune its learning rate on; not run")
+      counts["failed"] += 1
+      continue
+    train_one(i, run, lr)
+    key = _group_key(run)
+    if key in groups and all(any(_row_of(r, run, g) for r in rows) for g in groups[key]):
+      for extra in _extensions(rows, run, config.sweep.extend_lr_grid, log):
+        train_one(i, dataclasses.replace(run, lr=extra, extended=True), extra)
   summary = summary_markdown(rows)
   log(summary)
   if lead:
@@ -465,6 +551,64 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
   log(f"[sweep] done in {_fmt_time(time.perf_counter() - t0)}: {counts['trained']} trained, "
       f"{counts['skipped']} skipped, {counts['failed']} failed; {csv_path}")
   return rows
+
+
+def _group_key(run: Run) -> tuple:
+  """What the runs of one lr-tuning group share: everything but the learning rate."""
+  return (run.size, run.algorithm, run.num_workers, run.sync_every, run.outer, run.steps,
+          run.seed)
+
+
+def _lr_groups(runs: Sequence[Run]) -> dict[tuple, list[float]]:
+  """Tuning groups (runs that try several lrs and differ only in it) -> their planned lrs."""
+  groups: dict[tuple, list[float]] = {}
+  for r in runs:
+    if r.lr is not None and not r.transfer:
+      groups.setdefault(_group_key(r), []).append(r.lr)
+  return {k: sorted(v) for k, v in groups.items() if len(v) > 1}
+
+
+def _row_of(row: dict, run: Run, lr: float) -> bool:
+  """Whether a results row is `run` (its group) at learning rate `lr`."""
+  return (row["model_size"] == run.size and row["algorithm"] == run.algorithm
+          and int(row["num_workers"]) == run.num_workers
+          and int(row["sync_every"]) == run.sync_every and int(row["steps"]) == run.steps
+          and int(row["seed"]) == run.seed and float(row["lr"]) == lr
+          and (row["outer_optimizer"] or None) == (run.outer[0] if run.outer else None)
+          and (not run.outer or (float(row["outer_lr"]), float(row["outer_momentum"]))
+               == run.outer[1:]))
+
+
+def _extensions(rows: list[dict], run: Run, limit: int, log: Callable[[str], None]):
+  """Yields the learning rates that extend a finished tuning group's grid while its best lr
+  (lowest eval loss; a diverged run counts as +inf) is the largest or smallest tried, the edge
+  spacing again each time, at most `limit` per side. `rows` grows as the caller trains each."""
+  added = {"up": 0, "down": 0}
+  while True:
+    tried = {}
+    for r in rows:
+      if _row_of(r, run, float(r["lr"])):
+        loss = float(r["eval_loss"])
+        tried[float(r["lr"])] = loss if math.isfinite(loss) else math.inf
+    lrs = sorted(tried)
+    if len(lrs) < 2 or not math.isfinite(min(tried.values())):
+      return
+    best = min(lrs, key=lambda v: (tried[v], v))
+    if best == lrs[-1] and added["up"] < limit:
+      side, new = "up", lrs[-1] * lrs[-1] / lrs[-2]
+    elif best == lrs[0] and added["down"] < limit:
+      side, new = "down", lrs[0] * lrs[0] / lrs[1]
+    else:
+      if best in (lrs[0], lrs[-1]):
+        log(f"[sweep] {run.name(best)}: the best lr is still at the edge of the grid after "
+            f"{limit} extension(s)")
+      return
+    new = float(f"{new:.3g}")
+    added[side] += 1
+    log(f"[sweep] {run.name(best)}: the best lr {format_lr(best)} is the "
+        f"{'largest' if side == 'up' else 'smallest'} of {[format_lr(v) for v in lrs]}; "
+        f"extending the grid to {format_lr(new)}")
+    yield new
 
 
 def write_report(csv_path: str, out_dir: str, grids: Sequence[str], n_boot: int = 1000,

@@ -296,6 +296,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          local_sgd=s.is_local_sgd)
   writer = metrics_lib.MetricWriter(workdir, purge_step=start)
   if start == 0 and c.train.eval_every and c.train.eval_batches:  # start of the eval curve
+    every = _eval_every(s)
+    if every != c.train.eval_every:
+      print(f"{tag} evaluating every {every} steps: train.eval_every={c.train.eval_every} rounded "
+            f"up to a multiple of H={c.local_sgd.sync_every}, so that local SGD is scored right "
+            "after an outer sync", flush=True)
     writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
   t_start = time.perf_counter()
   state, end, acts = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds, state,
@@ -360,6 +365,12 @@ class _Actions(NamedTuple):
                         self.preemption) if a is not None]
 
 
+def _eval_every(s: Setup) -> int:
+  """Steps between evaluations: at outer-sync boundaries for local SGD (periodic.eval_period)."""
+  return periodic.eval_period(s.config.train.eval_every, s.config.local_sgd.sync_every,
+                              s.is_local_sgd)
+
+
 def _actions(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, stop: periodic.SignalFlag,
              writer: metrics_lib.MetricWriter, prefetch: data.Prefetcher, tally: periodic.Tally,
              meta: dict, start: int, tag: str) -> _Actions:
@@ -368,7 +379,7 @@ def _actions(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, stop: period
   divergence = periodic.Divergence(t.on_nonfinite == "stop", tag, ckpt.directory,
                                    int(meta["step"]) if meta else None)
   log = periodic.MetricsLog(writer, metrics_lib.Progress(t.steps, tag), divergence, clock,
-                            log_every=t.log_every, eval_every=t.eval_every,
+                            log_every=t.log_every, eval_every=_eval_every(s),
                             tokens=start * tally.tokens_per_step)
   checkpoints = periodic.Checkpointing(
       ckpt, stop, log, divergence,
@@ -378,7 +389,7 @@ def _actions(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, stop: period
       probe_nonfinite=t.on_nonfinite == "stop")
   profile = periodic.parse_profile_steps(t.profile_steps, t.steps)
   return _Actions(
-      evaluation=periodic.Evaluation(s.evaluate, t.eval_every, t.eval_batches, clock), log=log,
+      evaluation=periodic.Evaluation(s.evaluate, _eval_every(s), t.eval_batches, clock), log=log,
       checkpoints=checkpoints,
       profile=(periodic.Profile(*profile, os.path.join(workdir, "profile")) if profile else None),
       preemption=periodic.Preemption(stop, tag, ckpt.directory))
@@ -402,7 +413,7 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
       per_step = rounds.budget or progs.stream is not None
       syncs = (progs.h, progs.h1) if s.is_local_sgd else ()
       calls = Calls(steps_per_call(c.train.steps_per_call, per_step), c.train.steps,
-                    cuts=syncs + (c.train.log_every, c.train.eval_every,
+                    cuts=syncs + (c.train.log_every, _eval_every(s),
                                   c.checkpoint.every_steps),
                     at=(c.faults.nan_step,) + profiled)
       state, end = _loop(progs, rounds, tally, acts.ordered(), state, batches, calls, start,
@@ -533,6 +544,9 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
       "steps": total, "tokens": total * tokens_per_step,
       "flops": total * tokens_per_step * tally.flops_per_token,
       "final_train_loss": last_record.get("train_loss"), "eval_loss": eval_loss,
+      "eval_every": _eval_every(s),
+      "eval_params": ("global parameters right after an outer sync" if s.is_local_sgd
+                      else "the model"),
       "tokens_per_sec": (total - start) * tokens_per_step / train_time,
       "train_seconds": train_time, "resumed_from": start,
       "comm_bytes": tally.comm_bytes, "comm_bytes_per_step": progs.step_comm.wire_bytes,

@@ -28,7 +28,7 @@ def _tiny_sweep():
   c = base_config()
   c.model.max_seq_len, c.data.seq_len = 32, 16
   c.train.steps, c.train.global_batch, c.train.log_every = 3, 8, 0
-  c.train.eval_every, c.train.eval_batches, c.train.eval_batch = 0, 1, 8
+  c.train.eval_every, c.train.eval_batches, c.train.eval_batch = 1, 1, 8
   c.optim.warmup_steps = 1
   c.local_sgd.num_workers, c.local_sgd.sync_every = 2, 2
   c.mesh.num_devices = 1  # both workers on one device: the least to compile
@@ -81,6 +81,12 @@ def test_tiny_sweep_end_to_end_resumes_without_retraining_and_reports(tmp_path):
     assert int(r["tokens"]) == 3 * 8 * 16 and float(r["flops"]) > 0
   assert {r["algorithm"] for r in rows} == {"ddp", "local_sgd"}
   assert int(rows[0]["non_embedding_params"]) == 23_712
+  assert set(STUDY_COLUMNS) <= set(rows[0])  # what docs/scaling_cpu_v2 needs
+  assert all(float(r["wall_seconds"]) > 0 for r in rows)
+  # eval_every=1 with H=2: DDP is scored every step, local SGD only right after its syncs
+  evals = {n: [json.loads(l)["step"] for l in open(os.path.join(out, n, "metrics.jsonl"))
+               if "eval_loss" in json.loads(l)] for n in names[:2]}
+  assert evals == {names[0]: [0, 1, 2, 3], names[1]: [0, 2, 3]}
 
   cols = report.read_results(os.path.join(out, "results.csv"))  # what experiments/fit.py reads
   assert set(report.REQUIRED_COLUMNS) <= set(cols)
@@ -90,15 +96,21 @@ def test_tiny_sweep_end_to_end_resumes_without_retraining_and_reports(tmp_path):
   assert "## Grid `main`" in open(os.path.join(out, "summary.md")).read()
 
 
-def _fake_train(losses, diverge=()):
-  """A stand-in for train.train_and_evaluate: loss from the lr, FloatingPointError for some."""
+STUDY_COLUMNS = ("algorithm", "num_workers", "sync_every", "non_embedding_params", "tokens",
+                 "flops", "eval_loss", "lr", "outer_lr", "outer_momentum", "seed")
+
+
+def _fake_train(losses, diverge=(), bonus=lambda cfg: 0.0):
+  """A stand-in for train.train_and_evaluate: loss from the lr (+ `bonus(config)`),
+  FloatingPointError for some."""
   calls = []
 
   def fn(cfg, workdir):
     calls.append(os.path.basename(workdir))
     if cfg.optim.lr in diverge:
       raise FloatingPointError("training loss is nan at step 2")
-    res = {"eval_loss": losses[cfg.optim.lr] + (0.1 if cfg.algorithm == "local_sgd" else 0.0),
+    res = {"eval_loss": losses[cfg.optim.lr] + (0.1 if cfg.algorithm == "local_sgd" else 0.0)
+                        + bonus(cfg),
            "non_embedding_params": 1000, "tokens": 10, "flops": 1e6, "final_train_loss": 1.0,
            "train_seconds": 0.1, "tokens_per_sec": 100.0, "comm_bytes": 1.0}
     os.makedirs(workdir, exist_ok=True)
@@ -128,6 +140,41 @@ def test_local_sgd_gets_ddps_best_lr_and_diverged_runs_are_recorded(tmp_path):
   assert calls == []
   sweep.run_sweep(c, str(tmp_path), train_fn=fn, log=lambda s: None, retry_failed=True)
   assert calls == [runs[2].name()]
+
+
+def test_tuning_extends_an_edge_grid_and_transfers_the_tuned_settings(tmp_path):
+  """Each method tunes its own lr (local SGD also its outer optimizer); a best lr at the edge of
+  the grid gets the next lr beyond it until the best is interior; seeds 1 and 2 train at the
+  tuned settings only."""
+  c = _tiny_sweep()
+  s = c.sweep
+  s.sizes, s.lrs, s.reports, s.tune_lr_on, s.extend_lr_grid = ["cpu-1"], [1e-3, 2e-3, 4e-3], {}, "", 3
+  s.outer = ["nesterov:0.7:0.9", "average"]
+  s.grids.seeds = {"seeds": [1, 2], "lrs": ["tuned"], "outer": ["tuned"]}
+  runs = sweep.plan(c)
+  assert [(r.algorithm, r.lr, r.seed) for r in runs if r.transfer] == [
+      ("ddp", None, 1), ("ddp", None, 2), ("local_sgd", None, 1), ("local_sgd", None, 2)]
+  # DDP: loss falls up to 8e-3, so the grid extends to 8e-3 then 1.6e-2 (worse): best 8e-3,
+  # interior. Local SGD (+0.1, fake): the same lrs; averaging is made better than Nesterov.
+  losses = {1e-3: 3.0, 2e-3: 2.8, 4e-3: 2.6, 8e-3: 2.5, 1.6e-2: 2.7, 5e-4: 3.5}
+  fake, calls = _fake_train(losses, bonus=lambda cfg: -0.05 * (
+      cfg.algorithm == "local_sgd" and cfg.local_sgd.outer_optimizer == "average"))
+  rows = sweep.run_sweep(c, str(tmp_path), train_fn=fake, log=lambda s: None)
+  ddp = [(float(r["lr"]), int(r["lr_extended"])) for r in rows
+         if r["algorithm"] == "ddp" and r["seed"] == 0]
+  assert ddp == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (8e-3, 1), (1.6e-2, 1)]
+  for r in rows:
+    if r["seed"] in (1, 2):
+      assert r["transferred"] == ("lr" if r["algorithm"] == "ddp" else "lr+outer")
+      assert float(r["lr"]) == 8e-3
+      assert r["algorithm"] == "ddp" or r["outer_optimizer"] == "average"
+  assert sorted((r["algorithm"], r["seed"]) for r in rows if r["seed"]) == [
+      ("ddp", 1), ("ddp", 2), ("local_sgd", 1), ("local_sgd", 2)]
+  assert len(calls) == len(rows) == 5 + 2 * 5 + 4
+
+  calls.clear()  # a resume retrains nothing, extensions included
+  again = sweep.run_sweep(c, str(tmp_path), train_fn=fake, log=lambda s: None)
+  assert calls == [] and [r["workdir"] for r in again] == [r["workdir"] for r in rows]
 
 
 def test_plan_deduplicates_grids_and_sets_budgets():

@@ -109,3 +109,25 @@ def test_train_binary_writes_config_and_metrics(tmp_path):
   assert bad.returncode == 1
   assert "error: num_workers=5 does not divide the device count 8" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_eval_period_rounds_local_sgd_up_to_a_sync_boundary():
+  from lsgd_jax import periodic
+  assert periodic.eval_period(50, 20, local_sgd=True) == 60   # configs/default.py before v2
+  assert periodic.eval_period(40, 20, local_sgd=True) == 40
+  assert periodic.eval_period(5, 20, local_sgd=True) == 20
+  assert periodic.eval_period(0, 20, local_sgd=True) == 0     # only at the end
+  assert periodic.eval_period(50, 20, local_sgd=False) == 50  # DDP: every step is current
+
+
+def test_local_sgd_evaluations_fall_on_sync_boundaries(tmp_path):
+  """eval_every=5 with H=4: evaluations at 0, 8, 16 and the end (20), each right after a sync."""
+  from conftest import small_config  # pylint: disable=import-outside-toplevel
+  c = small_config(steps=20, train__eval_every=5, local_sgd__sync_every=4)
+  res = train.train_and_evaluate(c, str(tmp_path))
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = [r["step"] for r in records if "eval_loss" in r]
+  assert evals == [0, 8, 16, 20]
+  syncs = {r["step"] for r in records if "pseudo_grad_norm" in r}
+  assert {8, 16, 20} <= syncs
+  assert res["eval_every"] == 8 and res["eval_params"].startswith("global parameters")
