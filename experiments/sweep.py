@@ -10,6 +10,8 @@ overridden, e.g. `--config.sweep.seeds="(0, 1)"`. `--dry_run` prints the plan an
 (`--hardware=8xH100 --mfu=0.4`) without training.
 """
 
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,6 +26,12 @@ _HARDWARE = flags.DEFINE_enum("hardware", None, list(sweep.HARDWARE),
                               "With --dry_run: the hours on this hardware.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "With --hardware: the model FLOPs utilisation assumed.")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Re-run the runs that diverged before.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "Folder of JAX's persistent compilation cache ('': WORKDIR/"
+    ".xla_cache; 'none': off). Runs that differ only in a setting one program does not see "
+    "(a seed, the outer lr for the train step, the inner lr for the outer sync) reuse the "
+    "compiled program instead of compiling it again: on small CPU runs compilation is most of "
+    "the wall time.")
 
 
 def main(argv):
@@ -34,6 +42,11 @@ def main(argv):
   if not _WORKDIR.value:
     raise ValueError("--workdir is required (except with --dry_run): the folder the runs go to.")
   distributed_flags.initialize()  # before anything touches devices
+  if _CACHE.value != "none" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_compilation_cache_dir",
+                      _CACHE.value or os.path.join(_WORKDIR.value, ".xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
 
 

@@ -51,9 +51,11 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
     "cpu-base": (4, 256, 4, 704),
     # The CPU scaling ladder of configs/scaling_cpu.py: with "cpu-small" five sizes from 24K to
     # 804K non-embedding parameters (34x), each step about 2.4x.
+    "cpu-0": (2, 16, 2, 48),  # 6,736: the smallest of configs/scaling_cpu_v2.py
     "cpu-1": (2, 32, 2, 80),
     "cpu-2": (2, 48, 4, 128),
     "cpu-3": (3, 64, 4, 160),
+    "cpu-3b": (3, 80, 4, 208),  # 227,120: the largest of configs/scaling_cpu_v2.py
     "cpu-4": (3, 96, 4, 256),
     "5M": (6, 256, 4, 704),
     "12M": (7, 384, 6, 1024),

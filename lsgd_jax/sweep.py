@@ -237,7 +237,7 @@ def grid_specs(config: ml_collections.ConfigDict) -> dict[str, dict[str, list]]:
   """"main" (the top-level lists) and every named grid (main with its replacements)."""
   sw = config.sweep
   main = {k: list(sw[k]) for k in GRID_KEYS}
-  specs = {"main": main}
+  specs = {"main": main} if main["sizes"] or not sw.grids else {}  # no sizes: grids only
   for name, over in sw.grids.items():
     unknown = sorted(set(over.keys()) - set(GRID_KEYS))
     if unknown:
