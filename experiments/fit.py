@@ -2,6 +2,7 @@
 
     python -m experiments.fit --results=results.csv --out=DIR [--form=pure|offset] [--n_boot=1000]
         [--grids=main,H]
+    python -m experiments.fit --results=results.csv --out=DIR --study=v2
 
 The CSV needs the columns algorithm, num_workers, sync_every, non_embedding_params, tokens, flops,
 eval_loss (one row per run, as in a run's results.json); extra columns (model_size, seed, lr,
@@ -16,7 +17,7 @@ per-size tuning would otherwise treat as a hyper-parameter setting.
 from absl import flags
 
 from experiments import cli
-from lsgd_jax import report
+from lsgd_jax import report, study_report
 
 _RESULTS = flags.DEFINE_string("results", None, "CSV file with one row per run.")
 _OUT = flags.DEFINE_string("out", None, "Directory for report.md and the plots.")
@@ -30,12 +31,21 @@ _GRIDS = flags.DEFINE_list("grids", None,
 _N_BOOT = flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples per interval.")
 _LEVEL = flags.DEFINE_float("level", 0.95, "Interval level.")
 _SEED = flags.DEFINE_integer("seed", 0, "Bootstrap seed.")
+_STUDY = flags.DEFINE_enum("study", None, ["v2"],
+                           "v2: the tuned DDP-vs-local-SGD study's report (lsgd_jax.study_report: "
+                           "tuning, gaps with noise intervals, L(N), L(D), frontier, ablations) "
+                           "from a results.csv of configs/scaling_cpu_v2.py.")
 flags.mark_flags_as_required(["results", "out"])
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
   cols = report.read_results(_RESULTS.value)
+  if _STUDY.value == "v2":
+    study = study_report.analyze(cols, n_boot=_N_BOOT.value, seed=_SEED.value)
+    for path in study_report.write(study, _OUT.value):
+      print(f"wrote {path}")
+    return
   if _GRIDS.value:
     cols = report.select_grids(cols, _GRIDS.value)
   analysis = report.analyze(cols, form=_FORM.value, sync_every=_SYNC_EVERY.value,
