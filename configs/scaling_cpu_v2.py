@@ -28,7 +28,9 @@ Then: python -m experiments.fit --results=docs/scaling_cpu_v2/results.csv --stud
 --out=docs/scaling_cpu_v2 regenerates the report from the committed CSV.
 """
 
-from lsgd_jax import sweep
+import os
+
+from lsgd_jax import report, study_report, sweep
 from lsgd_jax.config import base_config
 
 SMALL = ("cpu-0", "cpu-1", "cpu-2")
@@ -39,12 +41,23 @@ LRS_SMALL = [4e-3, 8e-3, 1.6e-2, 3.2e-2]
 # Local SGD's outer optimizer grid at the small sizes: Nesterov lr x momentum, and plain averaging.
 OUTER_GRID = ["nesterov:0.3:0.9", "nesterov:0.7:0.9", "nesterov:1.0:0.9",
               "nesterov:0.3:0.5", "nesterov:0.7:0.5", "nesterov:1.0:0.5", "average"]
-# Part 2 and 3 settings, chosen from part 1's results by the design's rules (docs/scaling_cpu_v2):
-# None until part 1 has run (those grids are then left out).
-TRANSFER = {
-    "outer": None,        # the OUTER_GRID entry with the lowest mean local SGD - DDP gap (part 1)
-    "lrs": {},            # size -> (DDP grid, local SGD grid): 3 lrs centred on cpu-2's best
-}
+# Parts 2 and 3 take settings from part 1's rows of the committed results, by the design's rule
+# (study_report.transfer_rule): the OUTER_GRID entry with the lowest mean local SGD - DDP gap over
+# the small sizes, and per size 3 lrs a factor 2 apart centred on each method's tuned lr at the
+# size named here (20 tokens per parameter).
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "docs",
+                       "scaling_cpu_v2", "results.csv")
+CENTRES = {"cpu-3": "cpu-2", "cpu-3b": "cpu-2", "cpu-1": "cpu-1", "cpu-2": "cpu-2"}
+
+
+def transfer(path: str = RESULTS) -> dict | None:
+  """{"outer", "lrs", "gaps"} from part 1's results, or None before part 1 has finished."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return study_report.transfer_rule(report.read_results(path), SMALL, OUTER_GRID, CENTRES)
+  except ValueError:  # part 1 incomplete
+    return None
 
 
 def get_config(arg: str = "full"):
@@ -92,16 +105,17 @@ def get_config(arg: str = "full"):
       "workers": {"sizes": ["cpu-2"], "algorithms": ["local_sgd"], "num_workers": [1, 2, 4],
                   **tuned},
   }
-  outer = TRANSFER["outer"]
-  if outer is not None and TRANSFER["lrs"]:
+  rule = transfer() if arg != "smoke" else None
+  outer = rule["outer"] if rule else None
+  if rule:
     for size in LARGE:  # part 2: the large sizes, outer transferred, each method its lr grid
-      ddp_lrs, lsgd_lrs = TRANSFER["lrs"][size]
+      ddp_lrs, lsgd_lrs = rule["lrs"][size]
       grids[f"large_ddp_{size}"] = {"sizes": [size], "algorithms": ["ddp"], "lrs": ddp_lrs}
       grids[f"large_lsgd_{size}"] = {"sizes": [size], "algorithms": ["local_sgd"],
                                      "outer": [outer], "lrs": lsgd_lrs}
     grids["seeds_large"] = {"sizes": ["cpu-3b"], "seeds": [1, 2], **tuned}
     for size in ("cpu-1", "cpu-2"):  # part 3: L(D) at 5 and 80 tokens per parameter
-      ddp_lrs, lsgd_lrs = TRANSFER["lrs"][size]
+      ddp_lrs, lsgd_lrs = rule["lrs"][size]
       grids[f"data_ddp_{size}"] = {"sizes": [size], "algorithms": ["ddp"], "budgets": [5, 80],
                                    "lrs": ddp_lrs}
       grids[f"data_lsgd_{size}"] = {"sizes": [size], "algorithms": ["local_sgd"],
@@ -127,8 +141,8 @@ def get_config(arg: str = "full"):
                      "'part3' or 'smoke'.")
   keep = parts[arg]
   if arg != "part1" and outer is None:
-    raise ValueError(f"{arg} needs part 1's results: set TRANSFER in configs/scaling_cpu_v2.py "
-                     "by the rules of docs/scaling_cpu_v2/README.md first.")
+    raise ValueError(f"{arg} needs part 1's results in {os.path.normpath(RESULTS)} (run part1, "
+                     "then copy its results.csv there).")
   if "main" not in keep:  # the grids inherit the main lists, but the main grid trains nothing
     s.sizes = []
   s.grids = {g: grids[g] for g in keep if g != "main"}

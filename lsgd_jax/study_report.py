@@ -490,3 +490,46 @@ def write(st: Study, out_dir: str) -> list[str]:
   with open(path, "w") as f:
     f.write(markdown(st, plots))
   return [os.path.join(out_dir, p) for p in plots] + [path]
+
+
+def transfer_rule(cols: dict[str, np.ndarray], small: tuple[str, ...], outer_grid: list[str],
+                  centres: dict[str, str], budget: int = 20) -> dict[str, Any]:
+  """The settings parts 2 and 3 of configs/scaling_cpu_v2.py take from part 1, by the rule its
+  design states: the outer setting (a `sweep.outer` spec of `outer_grid`) with the lowest mean
+  gap to tuned DDP over the `small` sizes; for each size in `centres` (size -> the size whose
+  tuned lrs centre its grid), 3 lrs a factor 2 apart around each method's tuned lr there (local
+  SGD at the chosen outer setting). Returns {"outer": spec, "gaps": {spec: mean gap},
+  "lrs": {size: (DDP lrs, local SGD lrs)}}."""
+  ok = np.isfinite(cols["eval_loss"]) & (cols["seed"] == 0)
+  transferred = np.array([str(v) not in ("", "nan") for v in cols["transferred"]])
+  budget_ok = np.array([_budget(cols, i) == budget for i in range(len(ok))])
+  base = ok & ~transferred & budget_ok
+
+  def best(size, alg, spec=None):
+    sel = base & (cols["model_size"] == size) & (cols["algorithm"] == alg)
+    if spec is not None:
+      sel &= np.array([_spec(cols, i) == spec for i in range(len(ok))])
+    rows = np.flatnonzero(sel)
+    if not rows.size:
+      raise ValueError(f"no finished seed-0 {alg} run of {size} at {budget} tokens/param"
+                       + (f" with outer {spec}" if spec else ""))
+    return rows[np.argmin(cols["eval_loss"][rows])]
+
+  gaps = {spec: float(np.mean([cols["eval_loss"][best(s, "local_sgd", spec)]
+                               - cols["eval_loss"][best(s, "ddp")] for s in small]))
+          for spec in outer_grid}
+  outer = min(gaps, key=gaps.get)
+  lrs = {}
+  for size, centre in centres.items():
+    grid = lambda lr: [float(f"{lr / 2:.3g}"), float(lr), float(f"{lr * 2:.3g}")]
+    lrs[size] = (grid(cols["lr"][best(centre, "ddp")]),
+                 grid(cols["lr"][best(centre, "local_sgd", outer)]))
+  return {"outer": outer, "gaps": gaps, "lrs": lrs}
+
+
+def _spec(cols, i) -> str:
+  """A row's outer optimizer as a `sweep.outer` spec: "average" or "NAME:LR:MOMENTUM"."""
+  name = str(cols["outer_optimizer"][i])
+  if name == "average":
+    return "average"
+  return f"{name}:{cols['outer_lr'][i]:g}:{cols['outer_momentum'][i]:g}"

@@ -119,3 +119,16 @@ def test_fit_binary_regenerates_the_study_report_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr
     texts.append(open(tmp_path / out / "report.md").read())
   assert texts[0] == texts[1] and texts[0].count("| local SGD |") > 3
+
+
+def test_transfer_rule_picks_the_outer_setting_of_smallest_mean_gap(tmp_path):
+  """Parts 2-3 of the study take from part 1: the outer setting (Nesterov here: averaging is
+  0.5 worse by construction) and 3 lrs around each method's tuned lr at the centre size."""
+  cols = report.read_results(_results(tmp_path))
+  rule = study_report.transfer_rule(cols, ("s", "m"), ["nesterov:0.7:0.9", "average"],
+                                    {"l": "m"})
+  assert rule["outer"] == "nesterov:0.7:0.9"
+  assert rule["gaps"]["average"] == pytest.approx(rule["gaps"]["nesterov:0.7:0.9"] + 0.5)
+  assert rule["lrs"] == {"l": ([1e-3, 2e-3, 4e-3], [1e-3, 2e-3, 4e-3])}
+  with pytest.raises(ValueError, match="no finished seed-0"):
+    study_report.transfer_rule(cols, ("s", "nope"), ["average"], {})
