@@ -64,6 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()  # inner optimizer (local SGD workers) = DDP optimizer
   c.optim.name = "adamw"        # "adamw" or "sgd"
   c.optim.lr = 3e-3             # peak learning rate
+  c.optim.ddp_lr = 0.0          # DDP's own peak lr (0: optim.lr): each method has its own tuned lr
+                                # (docs/scaling_cpu_v2), so a comparison can train each at its own
   c.optim.warmup_steps = 20     # linear warm-up from 0
   c.optim.final_lr_fraction = 0.1  # cosine decay ends at this fraction of the peak
   c.optim.b1 = 0.9              # AdamW betas: the study's 0.9 / 0.95 (arXiv 2409.13198)
@@ -229,6 +231,9 @@ def _validate_rates(c: ml_collections.ConfigDict) -> None:
   """Learning rates are finite and positive; outer_kwargs only go to optax optimizers."""
   if not _positive_finite(c.optim.lr):
     raise ValueError(f"optim.lr={c.optim.lr}: allowed a finite learning rate > 0 (e.g. 3e-3).")
+  if c.optim.ddp_lr != 0 and not _positive_finite(c.optim.ddp_lr):
+    raise ValueError(f"optim.ddp_lr={c.optim.ddp_lr}: allowed 0 (DDP uses optim.lr) or a finite "
+                     "learning rate > 0.")
   s = c.local_sgd
   if c.algorithm == "local_sgd" and s.outer_optimizer != "average":
     if not _positive_finite(s.outer_lr):

@@ -226,7 +226,7 @@ def run_config(config: ml_collections.ConfigDict, run: Run,
   c.train.steps = run.steps
   if config.sweep.warmup_fraction > 0:
     c.optim.warmup_steps = min(round(config.sweep.warmup_fraction * run.steps), run.steps - 1)
-  c.optim.lr = float(lr)
+  c.optim.lr, c.optim.ddp_lr = float(lr), 0.0  # the run's lr, whatever its method
   return c
 
 

@@ -129,8 +129,9 @@ def _optimizers(o: ml_collections.ConfigDict, ls: ml_collections.ConfigDict, alg
                 total_steps: int, hierarchical: bool, skip_nonfinite: bool):
   """(inner, outer, in-cluster outer) optimizers from the `optim` and `local_sgd` sections; the
   outer ones are None where the algorithm has none."""
+  lr = o.ddp_lr if algorithm == "ddp" and o.ddp_lr else o.lr
   tx = optim.inner_optimizer(
-      o.name, learning_rate=o.lr, total_steps=total_steps, warmup_steps=o.warmup_steps,
+      o.name, learning_rate=lr, total_steps=total_steps, warmup_steps=o.warmup_steps,
       final_lr_fraction=o.final_lr_fraction, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
       grad_clip_norm=o.grad_clip or None)
   if skip_nonfinite:  # a step with non-finite gradients leaves parameters and optimizer state

@@ -79,6 +79,7 @@ def _ddp_tiny():
     ({"optim__name": "adagrad"}, r"Unknown inner optimizer 'adagrad'; allowed: adamw, sgd"),
     ({"local_sgd__outer_optimizer": "nesterow"}, r"Unknown outer optimizer 'nesterow'"),
     ({"data__seq_len": 512}, r"data.seq_len=512 must be in \[1, model.max_seq_len=256\]"),
+    ({"optim__ddp_lr": -1.0}, r"optim.ddp_lr=-1.0: allowed 0 \(DDP uses optim.lr\)"),
 ])
 def test_bad_config_values_raise_clear_errors(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -131,3 +132,23 @@ def test_local_sgd_evaluations_fall_on_sync_boundaries(tmp_path):
   syncs = {r["step"] for r in records if "pseudo_grad_norm" in r}
   assert {8, 16, 20} <= syncs
   assert res["eval_every"] == 8 and res["eval_params"].startswith("global parameters")
+
+
+def test_ddp_lr_sets_ddps_own_learning_rate_and_nothing_else():
+  """optim.ddp_lr=X trains DDP exactly as optim.lr=X does; local SGD keeps optim.lr."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  def one_step(algorithm, **overrides):
+    c = _tiny(train__steps=20, optim__warmup_steps=0, **overrides)  # step 1 at the peak lr
+    c.algorithm = algorithm
+    s = train.build(c)
+    state, _ = s.train_step(s.init_state(), s.device_batch(0))
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b))
+  own = one_step("ddp", optim__lr=1e-3, optim__ddp_lr=2e-2)
+  assert same(own, one_step("ddp", optim__lr=2e-2))
+  assert not same(own, one_step("ddp", optim__lr=1e-3))
+  assert same(one_step("local_sgd", optim__lr=1e-3, optim__ddp_lr=2e-2),
+              one_step("local_sgd", optim__lr=1e-3))
