@@ -524,7 +524,7 @@ def transfer_rule(cols: dict[str, np.ndarray], small: tuple[str, ...], outer_gri
   def best(size, alg, spec=None):
     sel = base & (cols["model_size"] == size) & (cols["algorithm"] == alg)
     if spec is not None:
-      sel &= np.array([_spec(cols, i) == spec for i in range(len(ok))])
+      sel &= np.array([_spec(cols, i) == _normal(spec) for i in range(len(ok))])
     rows = np.flatnonzero(sel)
     if not rows.size:
       raise ValueError(f"no finished seed-0 {alg} run of {size} at {budget} tokens/param"
@@ -541,6 +541,12 @@ def transfer_rule(cols: dict[str, np.ndarray], small: tuple[str, ...], outer_gri
     lrs[size] = (grid(cols["lr"][best(centre, "ddp")]),
                  grid(cols["lr"][best(centre, "local_sgd", outer)]))
   return {"outer": outer, "gaps": gaps, "lrs": lrs}
+
+
+def _normal(spec: str) -> str:
+  """A `sweep.outer` spec with its numbers written as `_spec` writes them ("1.0" -> "1")."""
+  name, *nums = spec.split(":")
+  return ":".join([name] + [f"{float(v):g}" for v in nums])
 
 
 def _spec(cols, i) -> str:

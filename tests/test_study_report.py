@@ -125,10 +125,10 @@ def test_transfer_rule_picks_the_outer_setting_of_smallest_mean_gap(tmp_path):
   """Parts 2-3 of the study take from part 1: the outer setting (Nesterov here: averaging is
   0.5 worse by construction) and 3 lrs around each method's tuned lr at the centre size."""
   cols = report.read_results(_results(tmp_path))
-  rule = study_report.transfer_rule(cols, ("s", "m"), ["nesterov:0.7:0.9", "average"],
+  rule = study_report.transfer_rule(cols, ("s", "m"), ["nesterov:0.70:0.9", "average"],
                                     {"l": "m"})
-  assert rule["outer"] == "nesterov:0.7:0.9"
-  assert rule["gaps"]["average"] == pytest.approx(rule["gaps"]["nesterov:0.7:0.9"] + 0.5)
+  assert rule["outer"] == "nesterov:0.70:0.9"  # the grid's own spelling, matched by value
+  assert rule["gaps"]["average"] == pytest.approx(rule["gaps"]["nesterov:0.70:0.9"] + 0.5)
   assert rule["lrs"] == {"l": ([1e-3, 2e-3, 4e-3], [1e-3, 2e-3, 4e-3])}
   with pytest.raises(ValueError, match="no finished seed-0"):
     study_report.transfer_rule(cols, ("s", "nope"), ["average"], {})
