@@ -419,6 +419,13 @@ def markdown(st: Study, plots: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def paper_gap(n) -> np.ndarray:
+  """Local SGD's relative gap to DDP that the paper's laws predict at N (arXiv 2409.13198:
+  L = (N_c / N)^alpha, DDP 0.069 / 6.06e14, local SGD 0.072 / 3.15e14)."""
+  n = np.asarray(n, float)
+  return (3.15e14 / n) ** 0.072 / (6.06e14 / n) ** 0.069 - 1.0
+
+
 def plot_gaps(st: Study):
   fig = report.new_figure()
   ax = fig.add_subplot()
@@ -427,6 +434,10 @@ def plot_gaps(st: Study):
     ax.errorbar([x["N"] for x in g], [100 * x["rel"] for x in g],
                 yerr=[100 * x["rel_half"] if math.isfinite(x["rel_half"]) else 0 for x in g],
                 fmt="o-", capsize=3, label=f"{b} tokens/param")
+  if st.gaps:
+    xs = np.geomspace(min(g["N"] for g in st.gaps) / 1.3, max(g["N"] for g in st.gaps) * 1.3, 50)
+    ax.plot(xs, 100 * (paper_gap(xs)), "k--", lw=1,
+            label="the paper's fitted laws (arXiv 2409.13198)")
   ax.axhline(0, color="k", lw=0.8)
   ax.set(xscale="log", xlabel="non-embedding parameters N",
          ylabel="local SGD - DDP (% of DDP loss)",
@@ -481,9 +492,12 @@ def plot_ablations(st: Study):
       ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
       ax.set(ylabel="local SGD - DDP (nats)", title="Outer optimizer (best lr each)")
     else:
-      ax.plot([r[key] for r in rows], [r["minus_ddp"] for r in rows], "o-")
+      xs = [r[key] for r in rows]
+      ax.plot(xs, [r["minus_ddp"] for r in rows], "o-")
       ax.set(xscale="log", xlabel=key, ylabel="local SGD - DDP (nats)",
              title=f"{key} ({rows[0]['size']}, {rows[0]['tokens_per_param']} tok/param)")
+      ax.set_xticks(xs, [str(v) for v in xs])
+      ax.minorticks_off()
     ax.axhline(0, color="k", lw=0.8)
     ax.grid(True, alpha=0.3)
     if key == "outer":

@@ -132,3 +132,11 @@ def test_transfer_rule_picks_the_outer_setting_of_smallest_mean_gap(tmp_path):
   assert rule["lrs"] == {"l": ([1e-3, 2e-3, 4e-3], [1e-3, 2e-3, 4e-3])}
   with pytest.raises(ValueError, match="no finished seed-0"):
     study_report.transfer_rule(cols, ("s", "nope"), ["average"], {})
+
+
+def test_paper_gap_follows_the_papers_laws():
+  """arXiv 2409.13198's laws cross near N = 9.2e7 and put local SGD 2.9% behind at 6.7K."""
+  assert abs(study_report.paper_gap(9.2e7)) < 1e-3
+  assert study_report.paper_gap(6736) == pytest.approx(
+      (3.15e14 / 6736) ** 0.072 / (6.06e14 / 6736) ** 0.069 - 1)
+  assert 0.028 < study_report.paper_gap(6736) < 0.030
