@@ -291,7 +291,9 @@ def _outer_grid(cols, ok, budget, cells, main_budget, base_k, base_h) -> list[di
     for name, rows in by.items():
       r = min(rows, key=lambda i: cols["eval_loss"][i])
       lrs = sorted(float(cols["lr"][i]) for i in rows)
-      out.append({"size": size, "N": cell.n, "outer": name, "loss": float(cols["eval_loss"][r]),
+      step = float(cols["outer_lr"][r]) / (1.0 - float(cols["outer_momentum"][r]))
+      out.append({"size": size, "N": cell.n, "outer": name, "step": step,
+                  "loss": float(cols["eval_loss"][r]),
                   "lr": float(cols["lr"][r]), "lrs": lrs,
                   "minus_ddp": (float(cols["eval_loss"][r] - cols["eval_loss"][ddp.best])
                                 if ddp else math.nan)})
@@ -403,10 +405,12 @@ def markdown(st: Study, plots: list[str]) -> str:
               f"[{100 * s['lo']:+.2f}, {100 * s['hi']:+.2f}]."]
   if st.outer_grid:
     lines += ["", "## Outer optimizer (local SGD, best lr per setting, seed 0)", "",
-              "| size | outer (lr/momentum) | eval loss | lr | minus DDP |", "|---|---|---|---|---|"]
+              "The long-run outer step is lr / (1 - momentum) times the pseudo-gradient.", "",
+              "| size | outer (lr/momentum) | lr / (1 - momentum) | eval loss | lr | minus DDP |",
+              "|---|---|---|---|---|---|"]
     for r in st.outer_grid:
-      lines.append(f"| {r['size']} | {r['outer']} | {r['loss']:.4f} | {r['lr']:g} | "
-                   f"{r['minus_ddp']:+.4f} |")
+      lines.append(f"| {r['size']} | {r['outer']} | {r['step']:.2g} | {r['loss']:.4f} | "
+                   f"{r['lr']:g} | {r['minus_ddp']:+.4f} |")
   for title, rows, key in (("Workers K (global batch fixed)", st.workers, "num_workers"),
                            ("Sync interval H", st.sync, "sync_every")):
     if rows:
