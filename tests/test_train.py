@@ -152,3 +152,25 @@ def test_ddp_lr_sets_ddps_own_learning_rate_and_nothing_else():
   assert not same(own, one_step("ddp", optim__lr=1e-3))
   assert same(one_step("local_sgd", optim__lr=1e-3, optim__ddp_lr=2e-2),
               one_step("local_sgd", optim__lr=1e-3))
+
+
+def test_default_config_is_the_studys_cpu3_point_for_both_methods():
+  """configs/default.py trains exactly the v2 study's tuned seed-0 runs at cpu-3 (so the numbers
+  its docstring quotes are those of docs/scaling_cpu_v2/results.csv): every setting that
+  reaches training is equal."""
+  from lsgd_jax import sweep  # pylint: disable=import-outside-toplevel
+  study = _load(os.path.join(ROOT, "configs", "scaling_cpu_v2.py"), "part2")
+
+  def effective(c):
+    c = c.copy_and_resolve_references()
+    if c.algorithm == "ddp":  # DDP trains at ddp_lr when set; it has no outer optimizer
+      c.optim.lr = c.optim.ddp_lr or c.optim.lr
+      c.local_sgd.outer_lr = c.local_sgd.outer_momentum = 0.0
+    c.optim.ddp_lr = 0.0
+    return c.to_dict()
+
+  for alg, lr in (("ddp", 8e-3), ("local_sgd", 1.6e-2)):
+    run = next(r for r in sweep.plan(study) if r.size == "cpu-3" and r.algorithm == alg
+               and r.seed == 0 and r.lr == lr)
+    assert effective(sweep.run_config(study, run)) == effective(
+        _load(os.path.join(ROOT, "configs", "default.py"), alg))
