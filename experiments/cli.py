@@ -18,6 +18,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 from typing import Callable
 
 from absl import app, flags, logging
@@ -115,6 +116,20 @@ def _no_library_error_tracebacks(record: std_logging.LogRecord) -> bool:
               "/orbax/" in record.pathname.replace(os.sep, "/"))
 
 
+def _closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _hush_closed_loop_callbacks() -> None:
+  """After a failed background write, tensorstore's threads still call back into orbax's event
+  loop, which is closed by then; each call prints a traceback ("Event loop is closed") through
+  the interpreter's hooks. The write error itself is the run's one line: drop only those."""
+  excepthook, threadhook, unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
+  sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
+  threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else threadhook(a)
+  sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else unraisable(u)
+
+
 def _exit(message: str, code: int):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
@@ -131,6 +146,7 @@ def user_errors():
     std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     for handler in {logging.get_absl_handler(), *std_logging.getLogger().handlers}:
       handler.addFilter(_no_library_error_tracebacks)
+    _hush_closed_loop_callbacks()
   try:
     yield
   except (SystemExit, GeneratorExit):

@@ -174,6 +174,7 @@ class Checkpointer:
     self.first_step = first_step
     self._last_time = time.monotonic()
     self._needed = 0  # bytes of the last state saved (for the message of a failed write)
+    self._pending = None  # step of the save that may still be writing in the background
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -195,11 +196,13 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return
     faults.point("save", step)
+    self.wait()  # a background write that failed is reported under its own step
     self._needed = _nbytes(state)
     meta = {**meta, "checksum": state_checksum(state)}
     with self._writing(step):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)))
+    self._pending = step
     self._last_time = time.monotonic()
 
   @contextlib.contextmanager
@@ -257,17 +260,20 @@ class Checkpointer:
     return None
 
   def wait(self) -> None:
-    with self._writing(None):
+    """Waits for the save in flight, if any; its failure raises CheckpointWriteError naming it."""
+    with self._writing(self._pending):
       self.manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
     """Waits for saves in flight and releases the manager; safe to call twice."""
     if self.manager is not None:
       manager, self.manager = self.manager, None
       try:
-        with self._writing(None):
+        with self._writing(self._pending):
           manager.wait_until_finished()
       finally:
+        self._pending = None
         manager.close()
 
 
