@@ -26,6 +26,9 @@ _HARDWARE = flags.DEFINE_enum("hardware", None, list(sweep.HARDWARE),
                               "With --dry_run: the hours on this hardware.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "With --hardware: the model FLOPs utilisation assumed.")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Re-run the runs that diverged before.")
+_COLLECT_ONLY = flags.DEFINE_bool(
+    "collect_only", False, "Train nothing: rebuild results.csv, summary.md and the reports from "
+    "the runs that finished (safe beside a sweep that is still training).")
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Folder of JAX's persistent compilation cache ('': WORKDIR/"
     ".xla_cache; 'none': off). Runs that differ only in a setting one program does not see "
@@ -47,7 +50,8 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir",
                       _CACHE.value or os.path.join(_WORKDIR.value, ".xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value)
+  sweep.run_sweep(_CONFIG.value, _WORKDIR.value, retry_failed=_RETRY_FAILED.value,
+                  collect_only=_COLLECT_ONLY.value)
 
 
 if __name__ == "__main__":

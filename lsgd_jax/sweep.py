@@ -428,13 +428,16 @@ def _fmt_time(seconds: float) -> str:
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: bool = False,
+              collect_only: bool = False,
               train_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
               log: Callable[[str], None] = lambda s: print(s, flush=True)) -> list[dict]:
   """Trains every unfinished run of the sweep into `workdir/<run name>`; returns the rows of
   `workdir/results.csv`, writes a table per grid to workdir/summary.md and a scaling report per
   entry of `sweep.reports` (by default workdir/report/ for the grid `main`).
 
-  `train_fn(config, workdir) -> results` defaults to `train.train_and_evaluate`. A run that
+  `train_fn(config, workdir) -> results` defaults to `train.train_and_evaluate`. With
+  `collect_only` nothing trains: results.csv, summary.md and the reports are rebuilt from the
+  runs that finished (e.g. while another process still trains the rest). A run that
   raises FloatingPointError (diverged) gets failed.json and a row with a NaN loss; any other
   exception stops the sweep (re-run to resume). In a multi-process run every process runs the
   same loop (each run is one global program); the workdir must be a file system they all see,
@@ -485,6 +488,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
       row = _row(config, run, lr, rundir, "failed", None)
       counts["skipped"] += 1
       what = "failed before"
+    elif collect_only:
+      counts["skipped"] += 1
+      return
     else:
       log(f"[sweep {i + 1}/{len(runs)}] training {name}")
       try:

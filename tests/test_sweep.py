@@ -176,6 +176,12 @@ def test_tuning_extends_an_edge_grid_and_transfers_the_tuned_settings(tmp_path):
   again = sweep.run_sweep(c, str(tmp_path), train_fn=fake, log=lambda s: None)
   assert calls == [] and [r["workdir"] for r in again] == [r["workdir"] for r in rows]
 
+  # collect_only: a run not finished (its results.json gone) is left out, nothing trains
+  os.remove(tmp_path / rows[-1]["workdir"] / "results.json")
+  some = sweep.run_sweep(c, str(tmp_path), train_fn=fake, log=lambda s: None, collect_only=True)
+  assert calls == [] and [r["workdir"] for r in some] == [r["workdir"] for r in rows[:-1]]
+  assert len(sweep.read_csv(str(tmp_path / "results.csv"))) == len(rows) - 1
+
 
 def test_plan_deduplicates_grids_and_sets_budgets():
   c = _tiny_sweep()
