@@ -123,11 +123,15 @@ def _closed_loop(exc: BaseException | None) -> bool:
 def _hush_closed_loop_callbacks() -> None:
   """After a failed background write, tensorstore's threads still call back into orbax's event
   loop, which is closed by then; each call prints a traceback ("Event loop is closed") through
-  the interpreter's hooks. The write error itself is the run's one line: drop only those."""
+  the interpreter's hooks. The write error itself is the run's one line: drop only those.
+  Installed once per process (a second call would wrap the hooks again)."""
+  if getattr(sys.excepthook, "hushes_closed_loop", False):
+    return
   excepthook, threadhook, unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
   sys.excepthook = lambda t, e, tb: None if _closed_loop(e) else excepthook(t, e, tb)
   threading.excepthook = lambda a: None if _closed_loop(a.exc_value) else threadhook(a)
   sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else unraisable(u)
+  sys.excepthook.hushes_closed_loop = True
 
 
 def _exit(message: str, code: int):

@@ -148,11 +148,14 @@ class Programs:
 
   def steps(self, state, batches: jax.Array):
     """n inner steps in one program (a `lax.scan` of the train step over `batches` [n, ...]):
-    (state, metrics stacked [n, ...]). Compiled once per n; the same numbers as n calls of
-    `step`."""
+    (state, the last step's metrics: the ones a record reads). Compiled once per n; the same
+    numbers as n calls of `step`. The last step is picked inside the program, so the host
+    dispatches nothing else per call."""
     n = batches.shape[0]
     if n not in self._scans:
-      scan = lambda st, bs: jax.lax.scan(lambda s, b: self._train_step(s, b), st, bs)
+      def scan(st, bs):
+        st, ms = jax.lax.scan(lambda s, b: self._train_step(s, b), st, bs)
+        return st, jax.tree.map(lambda x: x[-1], ms)
       self._scans[n] = jax.jit(scan, donate_argnums=0)
     return self._scans[n](state, batches)
 

@@ -63,6 +63,8 @@ class Cell:
   tokens_per_param: int
   alg: str
   best: int                 # row of the tuned seed-0 run
+  lr: float                 # its learning rate
+  outer: str                # its outer optimizer ("-" for DDP)
   lrs: list[float]          # lrs tried at the tuned outer setting (seed 0)
   extended: bool            # the lr grid was extended automatically
   seeds: list[int]          # rows at the tuned settings, every seed (best included)
@@ -70,9 +72,6 @@ class Cell:
   @property
   def interior(self) -> bool:
     return len(self.lrs) >= 3 and self.lrs[0] < self.lr < self.lrs[-1]
-
-  lr: float = math.nan
-  outer: str = "-"
 
 
 @dataclasses.dataclass
@@ -92,8 +91,38 @@ class Study:
   notes: list[str]
 
 
-def _budget(cols, i) -> int:
-  return int(round(cols["tokens"][i] / cols["non_embedding_params"][i]))
+def _columns(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A copy of the columns with what every selection here needs: `transferred` ("" where empty),
+  `budget` (tokens per parameter, rounded) and `outer_spec` (each row's outer optimizer as a
+  `sweep.outer` spec, "" for DDP)."""
+  cols = dict(cols)
+  n = len(cols["eval_loss"])
+  cols["transferred"] = np.array([("" if str(v) == "nan" else str(v))
+                                  for v in cols["transferred"]])
+  cols["budget"] = np.rint(cols["tokens"] / cols["non_embedding_params"]).astype(int)
+  cols["outer_spec"] = np.array([_spec(cols, i) for i in range(n)])
+  return cols
+
+
+def _tuning_rows(cols, size: str, budget: int, alg: str, k: float | None = None,
+                 h: float | None = None, spec: str | None = None) -> np.ndarray:
+  """Rows of the finished seed-0 runs that tried their settings themselves (nothing
+  transferred) of one size, budget and method; at K workers / sync interval H / outer `spec`
+  where given (H and the spec only for local SGD)."""
+  sel = (np.isfinite(cols["eval_loss"]) & (cols["seed"] == 0) & (cols["transferred"] == "")
+         & (cols["model_size"] == size) & (cols["budget"] == budget)
+         & (cols["algorithm"] == alg))
+  if k is not None:
+    sel &= cols["num_workers"] == k
+  if alg == "local_sgd" and h is not None:
+    sel &= cols["sync_every"] == h
+  if alg == "local_sgd" and spec is not None:
+    sel &= cols["outer_spec"] == _normal(spec)
+  return np.flatnonzero(sel)
+
+
+def _best(cols, rows: np.ndarray) -> int:
+  return int(rows[np.argmin(cols["eval_loss"][rows])])
 
 
 def analyze(cols: dict[str, np.ndarray], main_budget: int | None = None, n_boot: int = 1000,
@@ -106,42 +135,30 @@ def analyze(cols: dict[str, np.ndarray], main_budget: int | None = None, n_boot:
   if missing:
     raise ValueError(f"Results lack the study columns {', '.join(missing)} (a results.csv of "
                      "lsgd_jax.sweep has them).")
-  cols = dict(cols)
-  cols["transferred"] = np.array([("" if str(v) == "nan" else str(v))
-                                  for v in cols["transferred"]])
+  cols = _columns(cols)
   ok = np.isfinite(cols["eval_loss"])
-  budget = np.array([_budget(cols, i) for i in range(len(ok))])
+  budget = cols["budget"]
   notes = []
   cells: dict[tuple[str, int, str], Cell] = {}
   base_k, base_h = _main_k_h(cols, ok)
-  for i in np.flatnonzero(ok):
-    key = (str(cols["model_size"][i]), int(budget[i]), str(cols["algorithm"][i]))
-    if key not in cells:
-      cells[key] = None
-  for key in list(cells):
-    size, b, alg = key
-    sel = (ok & (cols["model_size"] == size) & (budget == b) & (cols["algorithm"] == alg)
-           & (cols["num_workers"] == base_k) & (cols["seed"] == 0)
-           & (cols["transferred"] == ""))
-    if alg == "local_sgd":
-      sel &= cols["sync_every"] == base_h
-    if not sel.any():
-      del cells[key]
+  for size, b, alg in dict.fromkeys(zip(cols["model_size"][ok], budget[ok],
+                                        cols["algorithm"][ok])):
+    rows = _tuning_rows(cols, str(size), int(b), str(alg), base_k, base_h)
+    if not rows.size:
       continue
-    rows = np.flatnonzero(sel)
-    best = int(rows[np.argmin(cols["eval_loss"][rows])])
-    same_outer = [r for r in rows if _outer(cols, r) == _outer(cols, best)]
-    tuned = np.flatnonzero(ok & (cols["model_size"] == size) & (budget == b)
-                           & (cols["algorithm"] == alg) & (cols["num_workers"] == base_k)
-                           & (cols["lr"] == cols["lr"][best])
-                           & ((cols["sync_every"] == base_h) if alg == "local_sgd" else True)
-                           & np.array([_outer(cols, r) == _outer(cols, best)
-                                       for r in range(len(ok))]))
-    cell = Cell(size, float(cols["non_embedding_params"][best]), b, alg, best,
-                sorted(float(cols["lr"][r]) for r in same_outer),
-                bool(np.any(cols["lr_extended"][same_outer] > 0)), [int(r) for r in tuned])
-    cell.lr, cell.outer = float(cols["lr"][best]), _outer(cols, best)
-    cells[key] = cell
+    best = _best(cols, rows)
+    same_outer = rows[cols["outer_spec"][rows] == cols["outer_spec"][best]]
+    at_tuned = ok & (cols["model_size"] == size) & (budget == b) & (cols["algorithm"] == alg) & (
+        cols["num_workers"] == base_k) & (cols["lr"] == cols["lr"][best]) & (
+            cols["outer_spec"] == cols["outer_spec"][best])
+    if alg == "local_sgd":
+      at_tuned &= cols["sync_every"] == base_h
+    cells[(str(size), int(b), str(alg))] = Cell(
+        str(size), float(cols["non_embedding_params"][best]), int(b), str(alg), best,
+        float(cols["lr"][best]), _outer(cols, best),
+        sorted(float(v) for v in cols["lr"][same_outer]),
+        bool(np.any(cols["lr_extended"][same_outer] > 0)),
+        [int(r) for r in np.flatnonzero(at_tuned)])
   if main_budget is None:
     per_budget = collections.Counter(b for (_, b, _) in cells)
     main_budget = per_budget.most_common(1)[0][0] if per_budget else 20
@@ -151,7 +168,7 @@ def analyze(cols: dict[str, np.ndarray], main_budget: int | None = None, n_boot:
   gaps = _gaps(cols, cells, sd, df)
   laws, slope = _laws(cols, cells, gaps, sd, df, main_budget, n_boot, seed, notes)
   return Study(cols, cells, sd, df, main_budget, gaps, laws, slope,
-               _outer_grid(cols, ok, budget, cells, main_budget, base_k, base_h),
+               _outer_grid(cols, cells, main_budget, base_k, base_h),
                _ablation(cols, ok, budget, cells, "num_workers", base_k, base_h),
                _ablation(cols, ok, budget, cells, "sync_every", base_k, base_h),
                _frontier(cols, cells, n_boot, seed), notes)
@@ -202,7 +219,8 @@ def _gaps(cols, cells, sd, df) -> list[dict]:
     s_size, df_size = _pooled_noise(cols, cells, size)
     s_used, df_used = (s_size, df_size) if df_size else (sd, df)
     half = (_t975(df_used) * s_used * math.sqrt(1 / yl.size + 1 / yd.size)) if df_used else math.nan
-    row = {"size": size, "noise_sd": s_used, "noise_df": df_used, "noise_own": bool(df_size), "N": cell.n, "tokens_per_param": b, "ddp": float(yd.mean()),
+    row = {"size": size, "noise_sd": s_used, "noise_df": df_used, "noise_own": bool(df_size),
+           "N": cell.n, "tokens_per_param": b, "ddp": float(yd.mean()),
            "local_sgd": float(yl.mean()), "seeds": (yd.size, yl.size), "gap": gap,
            "half": half, "rel": gap / float(yd.mean()), "rel_half": half / float(yd.mean())}
     if yl.size > 1 and yd.size > 1:  # seeds 1+ alone: no selection bias
@@ -272,16 +290,13 @@ def _laws(cols, cells, gaps, sd, df, main_budget, n_boot, seed, notes):
   return laws, slope
 
 
-def _outer_grid(cols, ok, budget, cells, main_budget, base_k, base_h) -> list[dict]:
+def _outer_grid(cols, cells, main_budget, base_k, base_h) -> list[dict]:
   """At each size that tried several outer settings: each setting's best loss (over lrs)."""
   out = []
   for (size, b, alg), cell in sorted(cells.items(), key=lambda kv: kv[1].n):
     if alg != "local_sgd" or b != main_budget:
       continue
-    sel = np.flatnonzero(ok & (cols["model_size"] == size) & (budget == b)
-                         & (cols["algorithm"] == alg) & (cols["seed"] == 0)
-                         & (cols["num_workers"] == base_k) & (cols["sync_every"] == base_h)
-                         & (cols["transferred"] == ""))
+    sel = _tuning_rows(cols, size, b, alg, base_k, base_h)
     by = collections.defaultdict(list)
     for r in sel:
       by[_outer(cols, r)].append(r)
@@ -309,7 +324,8 @@ def _ablation(cols, ok, budget, cells, column, base_k, base_h) -> list[dict]:
   sel = (ok & (cols["algorithm"] == "local_sgd") & (cols[column] != base)
          & (cols[other] == base_other))
   out = []
-  for size, b in sorted({(str(cols["model_size"][i]), int(budget[i])) for i in np.flatnonzero(sel)}):
+  pairs = {(str(cols["model_size"][i]), int(budget[i])) for i in np.flatnonzero(sel)}
+  for size, b in sorted(pairs):
     cell, ddp = cells.get((size, b, "local_sgd")), cells.get((size, b, "ddp"))
     rows = [i for i in np.flatnonzero(sel) if cols["model_size"][i] == size and budget[i] == b
             and cols["seed"][i] == 0]
@@ -368,7 +384,8 @@ def markdown(st: Study, plots: list[str]) -> str:
                  f"{'yes' if c.interior else 'NO'} | {'yes' if c.extended else '-'} | {c.outer} | "
                  f"{cols['eval_loss'][c.best]:.4f} | {len(c.seeds)} |")
   lines += ["", "## Local SGD minus DDP (mean over seeds at the tuned settings)", "",
-            "| size | N | tok/param | DDP | local SGD | gap (nats) | gap (% of DDP) | seeds 1+ only |",
+            "| size | N | tok/param | DDP | local SGD | gap (nats) | gap (% of DDP) "
+            "| seeds 1+ only |",
             "|---|---|---|---|---|---|---|---|"]
   for g in st.gaps:
     unb = f"{g['unbiased_gap']:+.3f}" if "unbiased_gap" in g else "-"
@@ -459,7 +476,8 @@ def plot_laws(st: Study):
     xs = np.geomspace(f["x"].min() / 1.3, f["x"].max() * 1.3, 100)
     ax1.plot(f["x"], f["y"], "o", color=col)
     ax1.plot(xs, (f["X_c"] / xs) ** f["alpha"], color=col,
-             label=f"{_LABEL[alg]}: alpha {f['alpha']:.3f} [{f['alpha_lo']:.3f}, {f['alpha_hi']:.3f}]")
+             label=(f"{_LABEL[alg]}: alpha {f['alpha']:.3f} "
+                    f"[{f['alpha_lo']:.3f}, {f['alpha_hi']:.3f}]"))
   ax1.set(xscale="log", yscale="log", xlabel="N", ylabel="eval loss",
           title=f"L(N) at {st.main_budget} tokens/param")
   for (size, alg), f in sorted(st.laws["D"].items()):
@@ -534,20 +552,14 @@ def transfer_rule(cols: dict[str, np.ndarray], small: tuple[str, ...], outer_gri
   tuned lrs centre its grid), 3 lrs a factor 2 apart around each method's tuned lr there (local
   SGD at the chosen outer setting). Returns {"outer": spec, "gaps": {spec: mean gap},
   "lrs": {size: (DDP lrs, local SGD lrs)}}."""
-  ok = np.isfinite(cols["eval_loss"]) & (cols["seed"] == 0)
-  transferred = np.array([str(v) not in ("", "nan") for v in cols["transferred"]])
-  budget_ok = np.array([_budget(cols, i) == budget for i in range(len(ok))])
-  base = ok & ~transferred & budget_ok
+  cols = _columns(cols)
 
   def best(size, alg, spec=None):
-    sel = base & (cols["model_size"] == size) & (cols["algorithm"] == alg)
-    if spec is not None:
-      sel &= np.array([_spec(cols, i) == _normal(spec) for i in range(len(ok))])
-    rows = np.flatnonzero(sel)
+    rows = _tuning_rows(cols, size, budget, alg, spec=spec)
     if not rows.size:
       raise ValueError(f"no finished seed-0 {alg} run of {size} at {budget} tokens/param"
                        + (f" with outer {spec}" if spec else ""))
-    return rows[np.argmin(cols["eval_loss"][rows])]
+    return _best(cols, rows)
 
   gaps = {spec: float(np.mean([cols["eval_loss"][best(s, "local_sgd", spec)]
                                - cols["eval_loss"][best(s, "ddp")] for s in small]))
@@ -568,8 +580,11 @@ def _normal(spec: str) -> str:
 
 
 def _spec(cols, i) -> str:
-  """A row's outer optimizer as a `sweep.outer` spec: "average" or "NAME:LR:MOMENTUM"."""
+  """A row's outer optimizer as a `sweep.outer` spec: "average" or "NAME:LR:MOMENTUM" ("" for
+  DDP)."""
   name = str(cols["outer_optimizer"][i])
+  if name in ("", "nan"):
+    return ""
   if name == "average":
     return "average"
   return f"{name}:{cols['outer_lr'][i]:g}:{cols['outer_momentum'][i]:g}"
