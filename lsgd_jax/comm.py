@@ -9,7 +9,9 @@ collective-permute 1x), the model behind "2N(1 - 1/R)" in Scaling Laws for DiLoC
 Collectives whose groups hold a single device move nothing and are left out.
 
 Caveat: a collective inside an HLO while loop (e.g. `lax.scan`) is counted once, not once per
-iteration; the training steps here have no loops around collectives.
+iteration. The CPU loop program (`rounds._steps_loop`, a `fori_loop` over train steps) relies on
+it: its body is one step, so its count is one step's bytes (tests/test_calls.py checks the total
+against a step-by-step run's).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps = 200          # inner steps (= DDP steps): the same token budget for both
   c.train.global_batch = 32    # sequences per step over all workers (same for DDP and local SGD)
   c.train.log_every = 10       # steps between metrics.jsonl lines and progress lines
-  c.train.steps_per_call = 0   # inner steps run as one compiled program (a scan; calls are cut at
+  c.train.steps_per_call = 0   # inner steps run as one compiled program (a loop; calls are cut at
                                # every sync, log, eval and checkpoint step): 0 = auto (10 on a
                                # CPU, 1 elsewhere), 1 = one dispatch per step
   c.train.eval_every = 50      # steps between held-out evaluations (0: only at the end)

@@ -164,7 +164,8 @@ def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array]
                outer_tx: optax.GradientTransformation | None, rng: jax.Array,
                cluster_tx: optax.GradientTransformation | None = None,
                streaming=None) -> TrainState:
-  """Creates the sharded training state directly on the mesh (no host copy of K replicas).
+  """Creates the sharded training state on the mesh: the model initialised once on the default
+  device, then the K replicas and optimizer states made on the mesh (no host copy).
 
   A hierarchical layout needs `cluster_tx`, the optimizer of the in-cluster outer syncs.
   `streaming` (a `streaming.Streaming`, local SGD only): per-fragment outer optimizer states and
@@ -176,8 +177,7 @@ def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array]
     raise ValueError("A hierarchical layout (num_clusters given) needs cluster_tx, the outer "
                      "optimizer of the in-cluster syncs.")
 
-  def init(rng):
-    params = init_params(rng)
+  def init(params):
     if algorithm == "ddp":
       return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), (), ())
     workers = jax.tree.map(lambda p: jnp.broadcast_to(p, (k,) + p.shape), params)
@@ -193,8 +193,12 @@ def init_state(layout: Layout, algorithm: str, init_params: Callable[[jax.Array]
                              cluster_opt_state=jax.vmap(cluster_tx.init)(clusters))
     return state
 
-  abstract = jax.eval_shape(init, rng)
-  return jax.jit(init, out_shardings=state_shardings(layout, abstract))(rng)
+  # The model's initialisation is its own program: it depends on the model alone, so one compile
+  # (or one read of the persistent compilation cache) serves every layout and algorithm, and the
+  # random draws, the slowest part to compile, are not compiled again into each state's program.
+  params = jax.jit(init_params)(rng)
+  abstract = jax.eval_shape(init, params)
+  return jax.jit(init, out_shardings=state_shardings(layout, abstract))(params)
 
 
 def _streaming_state(state: TrainState, outer_tx, cfg) -> TrainState:

@@ -15,6 +15,25 @@ from lsgd_jax import comm, faults, local_sgd, streaming
 from lsgd_jax import mesh as mesh_lib
 
 
+def _steps_loop(train_step: Callable, state: local_sgd.TrainState, batch: jax.Array, per_call: int,
+                layout: mesh_lib.Layout):
+  """The compiled `loop(state, batches [per_call, ...], n) -> (state, metrics of step n)`: the
+  train step over the first n batches in a `fori_loop` whose trip count is an argument, so calls
+  of every length share one program (a `scan` would compile once per length; a run's calls are
+  cut at syncs, logs and evaluations into several lengths). The state is donated."""
+  metrics = jax.eval_shape(train_step, state, batch)[1]
+
+  def loop(st, batches, n):
+    zeros = jax.tree.map(lambda m: jax.numpy.zeros(m.shape, m.dtype), metrics)
+    return jax.lax.fori_loop(0, n, lambda i, c: train_step(c[0], batches[i]), (st, zeros))
+
+  stacked = jax.ShapeDtypeStruct(
+      (per_call, *batch.shape), batch.dtype,
+      sharding=layout.sharding(jax.sharding.PartitionSpec(None, *layout.batch.spec)))
+  count = jax.ShapeDtypeStruct((), np.int32, sharding=layout.sharding(jax.sharding.PartitionSpec()))
+  return jax.jit(loop, donate_argnums=0).lower(state, stacked, count).compile()
+
+
 def budget_policy(algorithm: str, policy: str, speeds: np.ndarray) -> bool:
   """Whether slow workers do fewer inner steps (local SGD, edge.policy "budget", unequal speeds)."""
   return algorithm == "local_sgd" and policy == "budget" and speeds.min() < speeds.max()
@@ -118,14 +137,20 @@ class Programs:
 
   def __init__(self, layout: mesh_lib.Layout, train_step: Callable, outer_sync: Callable | None,
                cluster_sync: Callable | None, state: local_sgd.TrainState, batch: jax.Array,
-               rounds: Rounds):
+               rounds: Rounds, per_call: int = 1):
     mesh = layout.mesh
     self.rounds, self.h = rounds, rounds.global_steps or rounds.round_steps
     stats = lambda fn: comm.CommStats.of(comm.collectives(fn, mesh))
     none = comm.CommStats(0, 0.0, {})
-    self.step = train_step.lower(state, batch, *rounds.step_args(0)).compile()
-    self._train_step, self._scans = train_step, {}
-    self.step_comm = stats(self.step)
+    self.per_call, self.step, self.loop = per_call, None, None
+    if per_call > 1:  # one program for calls of 1 .. per_call steps (none compiled per step)
+      self.loop = _steps_loop(train_step, state, batch, per_call, layout)
+      self.step_comm = stats(self.loop)  # the loop body's collectives: one step's
+      self._counts = [mesh_lib.put_global(np.int32(n), layout.sharding(jax.sharding.PartitionSpec()))
+                      for n in range(per_call + 1)]
+    else:
+      self.step = train_step.lower(state, batch, *rounds.step_args(0)).compile()
+      self.step_comm = stats(self.step)
     self.sync, self.sync_comm = None, none
     self.cluster, self.cluster_comm, self.h1, self.cluster_ones = None, none, self.h, None
     weights = local_sgd.uniform_weights(layout)
@@ -146,18 +171,11 @@ class Programs:
       self.sync = outer_sync.lower(state, weights).compile()
       self.sync_comm = stats(self.sync)
 
-  def steps(self, state, batches: jax.Array):
-    """n inner steps in one program (a `lax.scan` of the train step over `batches` [n, ...]):
-    (state, the last step's metrics: the ones a record reads). Compiled once per n; the same
-    numbers as n calls of `step`. The last step is picked inside the program, so the host
-    dispatches nothing else per call."""
-    n = batches.shape[0]
-    if n not in self._scans:
-      def scan(st, bs):
-        st, ms = jax.lax.scan(lambda s, b: self._train_step(s, b), st, bs)
-        return st, jax.tree.map(lambda x: x[-1], ms)
-      self._scans[n] = jax.jit(scan, donate_argnums=0)
-    return self._scans[n](state, batches)
+  def steps(self, state, batches: jax.Array, n: int):
+    """n inner steps in one call of the loop program over `batches` [per_call, ...] (the first n
+    used): (state, the last step's metrics: the ones a record reads). The same numbers as n calls
+    of the train step."""
+    return self.loop(state, batches, self._counts[n])
 
   def outer_syncs(self, state, step: int, last: bool):
     """The syncs due after `step` (0-based): (state, diagnostics, scope or None, bytes moved per

@@ -204,8 +204,9 @@ def _compile(s: Setup, state: local_sgd.TrainState, batch: jax.Array, tag: str):
   rounds = rounds_lib.Rounds(rounds_lib.RoundSpec.of(c), s.layout,
                              c.local_sgd.cluster_sync_every if hier else c.local_sgd.sync_every,
                              global_steps=c.local_sgd.sync_every if hier else None)
+  per_step = rounds.budget or isinstance(s.outer_sync, streaming.Factory)
   progs = rounds_lib.Programs(s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch,
-                              rounds)
+                              rounds, per_call=steps_per_call(c.train.steps_per_call, per_step))
   if hier:
     print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
           f"sync (every {progs.h1} steps)", flush=True)
@@ -411,9 +412,8 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
       if acts.profile is not None:
         acts.profile.begin(start)
       profiled = (acts.profile.first, acts.profile.stop_at) if acts.profile is not None else ()
-      per_step = rounds.budget or progs.stream is not None
       syncs = (progs.h, progs.h1) if s.is_local_sgd else ()
-      calls = Calls(steps_per_call(c.train.steps_per_call, per_step), c.train.steps,
+      calls = Calls(progs.per_call, c.train.steps,
                     cuts=syncs + (c.train.log_every, _eval_every(s),
                                   c.checkpoint.every_steps),
                     at=(c.faults.nan_step,) + profiled)
@@ -440,7 +440,7 @@ def steps_per_call(configured: int, per_step: bool) -> int:
   step; streaming syncs send fragments at offsets inside a round).
 
   On a CPU the host dispatches every fake device's program for every step and waits for them
-  all; a scan over several steps runs them as one program per device (benchmarks/peer_workload.py:
+  all; a loop over several steps runs them as one program per device (benchmarks/peer_workload.py:
   1.1-1.3x tokens/s), with the same numbers bit for bit (tests/test_calls.py)."""
   if per_step:
     return 1
@@ -479,13 +479,15 @@ class Batches:
   def first(self) -> jax.Array:
     return mesh_lib.put_global(self._held[0], self.layout.batch)
 
-  def take(self, n: int) -> jax.Array:
+  def take(self, n: int, pad_to: int = 1) -> jax.Array:
+    """The next n steps' batches: one [K, B/K, T+1] with `pad_to` 1, else [pad_to, K, B/K, T+1]
+    with the last batch repeated after the n drawn (the loop program runs only the first n)."""
     hosts = self._held + [next(self.prefetch)[1] for _ in range(n - len(self._held))]
     self._held = []
-    if n == 1:
+    if pad_to == 1:
       return mesh_lib.put_global(hosts[0], self.layout.batch)
     stacked = self.layout.sharding(jax.sharding.PartitionSpec(None, *self.layout.batch.spec))
-    return mesh_lib.put_global(np.stack(hosts), stacked)
+    return mesh_lib.put_global(np.stack(hosts + hosts[-1:] * (pad_to - n)), stacked)
 
 
 def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic.Tally,
@@ -497,15 +499,15 @@ def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic
   its first step, and its outer syncs, in a profile."""
   end, step = None, start
   n = calls.end(step) - step
-  batch = batches.take(n)
+  batch = batches.take(n, progs.per_call)
   while step < total:
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       if step == nan_step:
         state = poison(state)  # fault injection: one worker's parameters become NaN
-      if n == 1:
+      if progs.loop is None:
         state, m = progs.step(state, batch, *rounds.step_args(step))
       else:
-        state, m = progs.steps(state, batch)  # m: the last step's metrics
+        state, m = progs.steps(state, batch, n)  # m: the last step's metrics
       for _ in range(n):
         tally.inner_step(progs.step_comm.wire_bytes)
       stop = step + n
@@ -520,7 +522,7 @@ def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic
       step = stop
       if not last:
         n = calls.end(step) - step
-        batch = batches.take(n)  # prepared while the device works
+        batch = batches.take(n, progs.per_call)  # prepared while the device works
   return state, end
 
 

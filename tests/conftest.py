@@ -16,8 +16,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs too
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+# Cheap compiles: the tests compile hundreds of small programs, and LLVM's optimisation of the
+# generated CPU code is most of each compile; at -O0 a tiny run's compiles take ~30% less time
+# (its loss moves in the 8th digit). What the tests check (equalities between two runs, golden
+# values with tolerances, collectives in the optimised HLO, which XLA's HLO passes decide before
+# LLVM) does not depend on it. LSGD_TEST_XLA_OPT=1 runs the suite with the default optimisation.
+TEST_XLA_FLAGS = ("" if os.environ.get("LSGD_TEST_XLA_OPT") == "1" else
+                  "--xla_backend_optimization_level=0")
+
+
+def xla_env(devices: int = 8, **extra: str) -> dict[str, str]:
+  """The environment for a binary a test starts: the test session's XLA flags (so its programs
+  and numbers are the test process's) with `devices` fake CPU devices, plus `extra`."""
+  flags = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}".strip()
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+
+
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in (os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS,
+                "--xla_force_host_platform_device_count=8") if f)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -14,10 +14,10 @@ from ml_collections import config_flags
 
 from experiments import cli
 from lsgd_jax import checkpoint, config as config_lib, corpora, workdir as workdir_lib
-from conftest import small_config
+from conftest import small_config, xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+ENV = xla_env()
 
 
 def _one_line(stderr: str) -> str:

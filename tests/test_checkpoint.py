@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lsgd_jax import checkpoint, train
-from conftest import small_config
+from conftest import small_config, xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("tokens_per_sec",)  # wall-clock figures differ between any two runs
@@ -157,8 +157,7 @@ def test_exported_model_evaluates_to_the_training_loss(uninterrupted):
 
 
 def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = xla_env()
   cmd = [sys.executable, "-m", "experiments.train", "--config=configs/tiny.py",
          f"--workdir={tmp_path}", "--config.train.steps=3000", "--config.train.log_every=5",
          "--config.train.eval_every=0", "--config.checkpoint.every_minutes=0"]

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 from lsgd_jax import checkpoint, train, verdict
-from conftest import small_config
+from conftest import small_config, xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+ENV = xla_env()
 ENV.pop("LSGD_FAULT", None)
 # The smallest run that has every piece: 2 outer rounds, evaluations, checkpoints every round.
 ARGS = ["--config=configs/tiny.py", "--config.train.steps=20", "--config.train.eval_every=10",

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import gpu_mfu  # noqa: E402
+from conftest import xla_env  # noqa: E402
 
 
 @pytest.mark.parametrize("kind, peak", [
@@ -39,7 +40,7 @@ def test_activation_estimate_of_400m():
 
 def test_cpu_smoke_run_writes_json_and_table(tmp_path):
   out = tmp_path / "mfu.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_env(2)
   cmd = [sys.executable, "-m", "benchmarks.gpu_mfu", "--sizes=cpu-tiny", "--dtype=float32",
          "--seq_len=32", "--batch=16", "--vocab=256", "--workers=1,4", "--sync_every=2",
          "--steps=2", "--reps=1", "--peak_tflops=1", f"--out={out}"]

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from lsgd_jax import checkpoint, distributed, mesh as mesh_lib, train
+from conftest import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -61,9 +62,7 @@ def _config(overrides, algorithm):
 
 def _launch_two_processes(workdir, overrides, algorithm):
   """Runs experiments.train as 2 processes x 4 CPU devices; returns their stdout texts."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env = xla_env(4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   port = _free_port()
   cmd = [sys.executable, "-m", "experiments.train", f"--config=configs/tiny.py:{algorithm}",
          f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
