@@ -49,6 +49,11 @@ _TARGETS = flags.DEFINE_string("targets", "0.5,0.8,0.9,0.95,0.99", "Target utili
 _OVERLAP = flags.DEFINE_bool("overlap", False, "Overlap communication with compute.")
 _COMM_OVERLAP = flags.DEFINE_float("comm_overlap", 0.0, "Share of a step's compute a collective "
                                    "issued in it hides behind (2/3: the backward pass).")
+_BUCKETS = flags.DEFINE_integer("comm_buckets", 0, "With --comm_overlap: the collective leaves in "
+                                "this many buckets, one per layer as the backward pass ends it "
+                                "(0: infinitely fine).")
+_DUPLEX = flags.DEFINE_bool("duplex", False, "Full-duplex links: every all-reduce runs two rings "
+                            "in opposite directions, each direction carrying half of the bytes.")
 _STREAMING = flags.DEFINE_string("streaming", "", "Extra streaming DiLoCo rows 'H:P:tau', "
                                  "comma separated (e.g. 100:4:5).")
 _OUTER_DTYPES = flags.DEFINE_string("outer_dtypes", "", "Extra rows with a quantized outer wire "
@@ -57,12 +62,30 @@ _OUTER_DTYPES = flags.DEFINE_string("outer_dtypes", "", "Extra rows with a quant
 _PRESET = flags.DEFINE_enum("preset", None, ["diloco-scaling-laws"], "A set of assumptions.")
 
 PRESETS = {
-    # What the published DiLoCo simulators state (docs/bandwidth.md): bf16 on the wire, every
-    # reduction overlapped with the backward pass (2/3 of a step), bandwidth only (no latency).
+    # Charles et al. 2025 (arXiv 2503.09799), Table 6, 10B Chinchilla row: step time 0.8 s (6N
+    # FLOPs per token at 60% of peak, as the paper states), bf16 on the wire, every reduction
+    # overlapped with the backward pass (2/3 of a step) as the simulator of Douillard et al. 2025
+    # does, bucketed per layer (48 layers, the paper's Table 3), 8 replicas on full-duplex links,
+    # bandwidth only (no latency). docs/bandwidth.md compares every cell.
     "diloco-scaling-laws": dict(model_size="10e9", bytes_per_element=2.0, comm_overlap=2 / 3,
+                                comm_buckets=48, duplex=True, step_time=0.8, workers=8,
                                 latency=0.0, sync_every="100,300", streaming="100:4:5",
                                 outer_dtypes="int4"),
 }
+
+# The published cells (Gbit/s for 50/80/90/95/99% compute utilisation), Charles et al. 2025,
+# arXiv 2503.09799, Table 6, "Chinchilla 10B, step time 0.8s". The paper reads them off a
+# simulator run on a grid of bandwidths (the values are points of logspace(-1, 3, 50) Gbit/s, the
+# smallest one that reaches the utilisation), so each cell is the true need rounded up by at most
+# one grid step (x1.21).
+PUBLISHED = {
+    "diloco-scaling-laws": {
+        "DDP": [104.8, 184.2, 222.3, 222.3, 390.7],
+        "local SGD H=100": [1.4, 6.2, 13.3, 23.3, 86.8],
+        "local SGD H=300": [0.5, 2.0, 4.3, 9.1, 41.0],
+    },
+}
+PUBLISHED_TARGETS = [0.5, 0.8, 0.9, 0.95, 0.99]
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -110,12 +133,17 @@ def check_flags() -> tuple[list[float], list[int]]:
   for flag, what in ((_SEQ, "an integer >= 1"), (_VOCAB, "an integer >= 1"),
                      (_TOKENS, "an integer >= 1 tokens per device and step"),
                      (_WORKERS, "an integer >= 1"), (_DPW, "an integer >= 1"),
+                     (_BUCKETS, "an integer >= 0 (0: infinitely fine buckets)"),
                      (_CLUSTERS, "an integer >= 1 (or unset: one per worker)"),
                      (_BW, "a number of Gbit/s > 0"), (_BYTES, "a number of bytes > 0"),
                      (_STEP, "a number of seconds > 0 (or unset)"),
                      (_MFU, "a fraction in (0, 1] (or unset: the device preset's)")):
     v = flag.value
     if v is None and flag.default is None:
+      continue
+    if flag is _BUCKETS:
+      if v < 0:
+        raise ValueError(f"--{flag.name}={v} is not allowed; give {what}.")
       continue
     if not finite_pos(v) or flag is _MFU and v > 1:
       raise ValueError(f"--{flag.name}={v} is not allowed; give {what}.")
@@ -166,7 +194,8 @@ def main(argv):
   clusters = _CLUSTERS.value or workers
   common = dict(params=params, flops_per_token=fpt, tokens_per_step=tokens,
                 bytes_per_element=_BYTES.value, devices_per_worker=dpw, workers=workers,
-                clusters=clusters, layout=_LAYOUT.value, comm_overlap=_COMM_OVERLAP.value)
+                clusters=clusters, layout=_LAYOUT.value, comm_overlap=_COMM_OVERLAP.value,
+                comm_buckets=_BUCKETS.value, duplex=_DUPLEX.value)
   rows = table_rows(common, hs, _STREAMING.value, _OUTER_DTYPES.value)
   t_c = clock.compute_time(tokens, fpt, dev)
   probe = clock.Run("local_sgd", sync_every=1, **common)
@@ -178,7 +207,9 @@ def main(argv):
   print(f"- device: {compute} -> compute {t_c:.4g} s per step")
   print(f"- {workers} workers x {dpw} devices in {clusters} clusters; layout {_LAYOUT.value}; "
         f"{_BYTES.value:g} bytes per element; overlap {_OVERLAP.value}; a collective hides "
-        f"behind {_COMM_OVERLAP.value:.3g} of the step it is issued in")
+        f"behind {_COMM_OVERLAP.value:.3g} of the step it is issued in"
+        + (f", leaving in {_BUCKETS.value} buckets (one per layer)" if _BUCKETS.value else "")
+        + ("; full-duplex links (two counter-rotating rings)" if _DUPLEX.value else ""))
   print(f"- solved level: {level} (latency {slow.latency * 1e3:.3g} ms); other links: worker "
         f"{net.worker.bandwidth * 8 / 1e9:.4g} Gbit/s, cluster "
         f"{net.cluster.bandwidth * 8 / 1e9:.4g} Gbit/s")
@@ -190,10 +221,13 @@ def main(argv):
   print(f"Bandwidth (Gbit/s per device) needed on the {level} level for compute utilisation:\n")
   print("| method | " + " | ".join(f"{100 * u:g}%" for u in targets) + " |")
   print("|---|" + "---|" * len(targets))
+  needs = {}
   for name, run in rows:
-    cells = [_gbit(clock.bandwidth_needed(u, run, dev, net, level, _OVERLAP.value))
-             for u in targets]
-    print(f"| {name} | " + " | ".join(cells) + " |")
+    needs[name] = [clock.bandwidth_needed(u, run, dev, net, level, _OVERLAP.value)
+                   for u in targets]
+    print(f"| {name} | " + " | ".join(_gbit(w) for w in needs[name]) + " |")
+  if _PRESET.value in PUBLISHED and targets == PUBLISHED_TARGETS:
+    print_comparison(PUBLISHED[_PRESET.value], needs, targets)
   at = net.with_bandwidth(level, _BW.value * 1e9 / 8)
   print(f"\nAt {_BW.value:g} Gbit/s: utilisation " + ", ".join(
       f"{name} {100 * clock.utilisation(run, dev, at, _OVERLAP.value):.1f}%" for name, run in rows)
@@ -203,6 +237,28 @@ def main(argv):
   needed = [clock.sync_every_needed(u, probe, dev, at) for u in targets]
   print("| " + " | ".join("unreachable" if math.isinf(h) else str(max(1, math.ceil(h)))
                           for h in needed) + " |")
+
+
+def comparison(published: dict, needs: dict) -> dict[str, list[tuple[float, float, float]]]:
+  """{method: [(published, ours, ours / published) per target]} for the published methods."""
+  return {name: [(p, w * 8 / 1e9, w * 8 / 1e9 / p) for p, w in zip(cells, needs[name])]
+          for name, cells in published.items()}
+
+
+def print_comparison(published: dict, needs: dict, targets: list[float]) -> None:
+  cmp = comparison(published, needs)
+  print("\nAgainst the published table (Charles et al. 2025, arXiv 2503.09799, Table 6): "
+        "published / ours (ratio ours / published):\n")
+  print("| method | " + " | ".join(f"{100 * u:g}%" for u in targets) + " |")
+  print("|---|" + "---|" * len(targets))
+  for name, cells in cmp.items():
+    print(f"| {name} | " + " | ".join(f"{p:g} / {_gbit(o * 1e9 / 8)} ({r:.2f})"
+                                      for p, o, r in cells) + " |")
+  worst = max(max(r, 1 / r) for cells in cmp.values() for _, _, r in cells)
+  order = all(cmp["DDP"][i][1] > cmp["local SGD H=100"][i][1] > cmp["local SGD H=300"][i][1]
+              for i in range(len(targets)))
+  print(f"\nWorst cell: a factor {worst:.2f} from the published value; order DDP > H=100 > "
+        f"H=300 at every utilisation: {'kept' if order else 'NOT kept'}.")
 
 
 def table_rows(common: dict, hs: list[int], streaming: str, outer_dtypes: str):

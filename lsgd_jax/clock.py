@@ -28,6 +28,13 @@ Finer overlap and the streaming outer sync (`Run` fields, DESIGN.md section 8):
     tau steps it flies over: it exposes max(0, T_sync / P - (tau + f) T_c).
   outer_bytes_per_element: bytes per element of the outer sync on the wire (quantize.py formats
     with their scales; default: bytes_per_element).
+  comm_buckets = L (with comm_overlap = f): the collective leaves in L equal buckets, bucket l when
+    the backward pass of layer l ends (every f T_c / L seconds), one bucket on the wire at a time
+    (PyTorch DDP's gradient buckets, one per layer): a collective of T seconds exposes
+    max(T / L, T - f T_c (1 - 1 / L)) after the backward pass: the last bucket can only leave when
+    the backward pass ends. L = 0: infinitely fine buckets, max(0, T - f T_c).
+  duplex: the links are full duplex and every all-reduce runs two rings in opposite directions,
+    each over half of the buffer (what NCCL does), so each direction carries half of the bytes.
 """
 
 from __future__ import annotations
@@ -163,6 +170,8 @@ class Run:
   overlap_steps: int = 0
   outer_bytes_per_element: float | None = None
   comm_overlap: float = 0.0
+  comm_buckets: int = 0
+  duplex: bool = False
 
   def __post_init__(self):
     _check("algorithm", self.algorithm, self.algorithm in ALGORITHMS, f"one of {ALGORITHMS}")
@@ -181,6 +190,9 @@ class Run:
            0 <= self.overlap_steps < max(self.sync_every // self.fragments, 1),
            "an integer in [0, H / fragments)")
     _check("comm_overlap", self.comm_overlap, 0.0 <= self.comm_overlap <= 1.0, "a share in [0, 1]")
+    _check("comm_buckets", self.comm_buckets,
+           isinstance(self.comm_buckets, int) and self.comm_buckets >= 0,
+           "an integer >= 0 (0: infinitely fine buckets)")
     if self.outer_bytes_per_element is not None:
       _pos("outer_bytes_per_element", self.outer_bytes_per_element)
     if self.algorithm == "hierarchical":
@@ -189,6 +201,15 @@ class Run:
       h1, h2 = self.sync_every, self.global_sync_every
       _check("H2 (global_sync_every)", h2, isinstance(h2, int) and h2 >= h1 and h2 % h1 == 0,
              f"a positive multiple of H1 (sync_every) = {h1}")
+
+  def exposed(self, comm_s: float, compute_s: float, window_s: float = 0.0) -> float:
+    """Seconds of a collective of `comm_s` issued during a step of `compute_s` that no compute
+    hides, with `window_s` more seconds of compute after that step (streaming overlap)."""
+    backward = self.comm_overlap * compute_s
+    if self.comm_buckets == 0:
+      return max(0.0, comm_s - backward - window_s)
+    tail = comm_s / self.comm_buckets
+    return max(0.0, tail - window_s, comm_s - backward * (1 - 1 / self.comm_buckets) - window_s)
 
   @property
   def period(self) -> int:
@@ -205,15 +226,20 @@ def compute_time(tokens: float, flops_per_token: float, dev: str | Device) -> fl
   return tokens * flops_per_token / device(dev).flops
 
 
+def _duplex(comm: Comm, run: Run) -> Comm:
+  """Two counter-rotating rings: each direction carries half of the bytes (latency unchanged)."""
+  return Comm(comm.latency, {k: b / 2 for k, b in comm.bytes.items()}) if run.duplex else comm
+
+
 def step_comm(run: Run, net: Network) -> Comm:
   """The collective of every step: DDP's gradient all-reduce, or local SGD's inside a worker."""
   nbytes = run.params * run.bytes_per_element
   if run.algorithm != "ddp":
-    return flat_allreduce(nbytes, [(run.devices_per_worker, "worker")], net)
+    return _duplex(flat_allreduce(nbytes, [(run.devices_per_worker, "worker")], net), run)
   groups = [(run.devices_per_worker, "worker")] + run.groups()
   if run.layout == "flat":
-    return flat_allreduce(nbytes, groups, net)
-  return two_stage_allreduce(nbytes, groups, net)
+    return _duplex(flat_allreduce(nbytes, groups, net), run)
+  return _duplex(two_stage_allreduce(nbytes, groups, net), run)
 
 
 def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
@@ -223,9 +249,9 @@ def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
     return Comm()
   nbytes = run.params * (run.outer_bytes_per_element or run.bytes_per_element) / run.fragments
   if run.layout == "flat":
-    return flat_allreduce(nbytes, run.groups(scope), net)
+    return _duplex(flat_allreduce(nbytes, run.groups(scope), net), run)
   groups = [(run.devices_per_worker, "worker")] + run.groups(scope)
-  return two_stage_allreduce(nbytes, groups, net, reduce_scatter=False)
+  return _duplex(two_stage_allreduce(nbytes, groups, net, reduce_scatter=False), run)
 
 
 def period_comm(run: Run, net: Network) -> Comm:
@@ -273,7 +299,7 @@ class Clock:
 
   def step(self, n: int = 1) -> float:
     c, s = self.step_compute_s, self.step_comm_s
-    wall = n * (max(c, s) if self.overlap else c + max(0.0, s - self.run.comm_overlap * c))
+    wall = n * (max(c, s) if self.overlap else c + self.run.exposed(s, c))
     self.seconds += wall
     self._since_sync += wall
     self.compute_seconds += n * c * self.busy
@@ -284,8 +310,10 @@ class Clock:
   def sync(self, scope: str = "global") -> float:
     _check("scope", scope, scope in self.sync_time, "'global' or 'cluster'")
     t = self.sync_time[scope]
-    hide = (self.run.overlap_steps + self.run.comm_overlap) * self.step_compute_s
-    self.seconds += max(0.0, t - max(self._since_sync, hide) if self.overlap else t - hide)
+    c = self.step_compute_s
+    hide = (self.run.overlap_steps + self.run.comm_overlap) * c
+    self.seconds += (max(0.0, t - max(self._since_sync, hide)) if self.overlap else
+                     self.run.exposed(t, c, self.run.overlap_steps * c))
     self.comm_seconds += t
     self._since_sync = 0.0
     self.syncs += 1

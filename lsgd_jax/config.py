@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.clock.overlap = False        # communication overlaps computation
   c.clock.comm_overlap = 0.0     # share of a step a collective issued in it hides behind (2/3:
                                  # the backward pass, the published simulators' convention)
+  c.clock.comm_buckets = 0       # with comm_overlap: the collective leaves in this many buckets,
+                                 # one per layer as the backward pass ends it (0: infinitely fine)
+  c.clock.duplex = False         # full-duplex links: all-reduces run two counter-rotating rings
   c.clock.model_size = ""        # price the run as this model preset ("": the trained one): a
                                  # small proxy run priced as the model it stands for
   c.clock.tokens_per_step = 0    # tokens per device a step is priced at (0: the run's own; more:
@@ -312,6 +315,9 @@ def _validate_hierarchy(c: ml_collections.ConfigDict) -> None:
                      f"link preset's), got {c.clock.inter_bandwidth}.")
   if not 0.0 <= c.clock.comm_overlap <= 1.0:
     raise ValueError(f"clock.comm_overlap must be a share in [0, 1], got {c.clock.comm_overlap}.")
+  if not (isinstance(c.clock.comm_buckets, int) and c.clock.comm_buckets >= 0):
+    raise ValueError(f"clock.comm_buckets must be an integer >= 0 (0: infinitely fine buckets), "
+                     f"got {c.clock.comm_buckets!r}.")
   if c.clock.device:
     clock.device(c.clock.device)
     clock.link(c.clock.inter_link)
