@@ -21,8 +21,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # (its loss moves in the 8th digit). What the tests check (equalities between two runs, golden
 # values with tolerances, collectives in the optimised HLO, which XLA's HLO passes decide before
 # LLVM) does not depend on it. LSGD_TEST_XLA_OPT=1 runs the suite with the default optimisation.
+# Single-threaded Eigen kernels: the two pytest-xdist workers (and the binaries they start) already
+# keep both cores busy, and intra-op threads on top of them only contend (the suite ran 274 s with
+# them, 260 s without, 2026-12-06).
 TEST_XLA_FLAGS = ("" if os.environ.get("LSGD_TEST_XLA_OPT") == "1" else
-                  "--xla_backend_optimization_level=0")
+                  "--xla_backend_optimization_level=0") + " --xla_cpu_multi_thread_eigen=false"
 
 
 def xla_env(devices: int = 8, **extra: str) -> dict[str, str]:

@@ -260,7 +260,7 @@ def test_runs_price_stragglers_uplinks_and_memory(tmp_path):
   assert budget["sim_time"] == pytest.approx(base["sim_time"], rel=1e-9)
   assert budget["sim_utilisation"] == pytest.approx(base["sim_utilisation"], rel=1e-9)
   assert budget["eval_loss"] != base["eval_loss"]  # but slow workers trained less
-  big = train.train_and_evaluate(_config(steps=3, clock__model_size="800M",
+  big = train.train_and_evaluate(_config(steps=8, clock__model_size="800M",
                                          clock__tokens_per_step=16384), str(tmp_path / "big"))
   m = model.model_config("800M", 257)
   acts = clock.activation_bytes(m.num_layers, m.d_model, m.num_heads, 32, 16384)
