@@ -1,8 +1,8 @@
 """notebooks/quickstart.ipynb runs top to bottom on CPU and is stored without outputs.
 
 The code cells are joined into one script and run in a fresh Python (no Jupyter kernel needed:
-the notebook has no magics), from notebooks/ as a user would open it, with its own XLA_FLAGS (the
-first cell sets 8 fake devices) and a fresh tfds data_dir.
+the notebook has no magics), from notebooks/ as a user would open it, with the test session's compile flags (the
+first cell adds 8 fake devices to them) and a fresh tfds data_dir.
 """
 
 import json
@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import time
+
+from conftest import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -43,7 +45,9 @@ def test_notebook_runs_on_cpu(tmp_path):
   script = tmp_path / "quickstart.py"
   script.write_text("\n\n".join(cells) + "\n")
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-  env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  # The test session's compile settings, without its device count: the first cell adds that.
+  env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", TFDS_DATA_DIR=str(tmp_path / "tfds"),
+             XLA_FLAGS=TEST_XLA_FLAGS)
   t0 = time.perf_counter()
   res = subprocess.run([sys.executable, str(script)], cwd=os.path.join(ROOT, "notebooks"),
                        env=env, capture_output=True, text=True, timeout=400)
