@@ -240,27 +240,28 @@ def test_budget_run_resumes_exactly_and_is_repeatable(tmp_path):
 
 
 def test_runs_price_stragglers_uplinks_and_memory(tmp_path):
-  base = train.train_and_evaluate(_config(steps=8), str(tmp_path / "base"))
-  wait = train.train_and_evaluate(_config(steps=8, edge__speeds=SPEEDS), str(tmp_path / "wait"))
+  # 20 steps, H = 8 as in the other tests of this file, so that the runs share their programs
+  base = train.train_and_evaluate(_config(), str(tmp_path / "base"))
+  wait = train.train_and_evaluate(_config(edge__speeds=SPEEDS), str(tmp_path / "wait"))
   assert base["eval_loss"] == wait["eval_loss"]  # waiting changes the clock, not the training
   s = train.build(_config())
   step_s = clock.compute_time(16 * 32 / 4 / 2, model.train_flops_per_token(s.model_cfg, 32),
                               "phone")
-  assert wait["sim_time"] - base["sim_time"] == pytest.approx(8 * step_s * 3, rel=1e-6)
-  slow = train.train_and_evaluate(_config(steps=8, clock__inter_bandwidth=5.0),
-                                  str(tmp_path / "slow"))
-  # 1 outer sync; the ring moves 2 (4 - 1) / 4 of the 4-byte parameters per device, 1/2 of
-  # them per device of a 2-device worker (two-stage)
-  nbytes = 2 * 3 / 4 * 4 * model.total_params(s.model_cfg) / 2
+  assert wait["sim_time"] - base["sim_time"] == pytest.approx(20 * step_s * 3, rel=1e-6)
+  slow = train.train_and_evaluate(_config(clock__inter_bandwidth=5.0), str(tmp_path / "slow"))
+  # 3 outer syncs (steps 8, 16, 20); the ring moves 2 (4 - 1) / 4 of the 4-byte parameters per
+  # device, 1/2 of them per device of a 2-device worker (two-stage)
+  nbytes = 3 * 2 * 3 / 4 * 4 * model.total_params(s.model_cfg) / 2
   assert slow["sim_time"] - base["sim_time"] == pytest.approx(
       nbytes * (1 / (5e6 / 8) - 1 / (20e6 / 8)), rel=1e-6)
-  budget = train.train_and_evaluate(_config(steps=8, edge__speeds=SPEEDS, edge__policy="budget"),
+  budget = train.train_and_evaluate(_config(edge__speeds=SPEEDS, edge__policy="budget"),
                                     str(tmp_path / "budget"))
-  # the fastest worker sets the pace; 8, 8, 4, 2 steps at speeds 1, 1, 0.5, 0.25 keep all busy
+  # the fastest worker sets the pace; in a round of 8 steps, 8, 8, 4, 2 steps at speeds 1, 1,
+  # 0.5, 0.25 keep all busy
   assert budget["sim_time"] == pytest.approx(base["sim_time"], rel=1e-9)
   assert budget["sim_utilisation"] == pytest.approx(base["sim_utilisation"], rel=1e-9)
   assert budget["eval_loss"] != base["eval_loss"]  # but slow workers trained less
-  big = train.train_and_evaluate(_config(steps=8, clock__model_size="800M",
+  big = train.train_and_evaluate(_config(clock__model_size="800M",
                                          clock__tokens_per_step=16384), str(tmp_path / "big"))
   m = model.model_config("800M", 257)
   acts = clock.activation_bytes(m.num_layers, m.d_model, m.num_heads, 32, 16384)
