@@ -177,8 +177,10 @@ def test_a_chain_of_faults_loses_nothing(reference, tmp_path):
 
 
 def test_checkpoint_damaged_in_place_falls_back_to_the_previous(reference, tmp_path, capsys):
-  """Bytes overwritten inside the latest checkpoint's array data read back without an error:
-  the checksum written with it catches them and the run resumes from the one before."""
+  """Bytes overwritten inside the latest checkpoint's array data: the arrays are stored as zstd
+  frames, so the damage either fails the read (it hit a frame's structure) or reads back as other
+  numbers (it hit literal bytes), which the checksum written with the state catches (the next
+  test makes that path certain). Either way the run resumes from the checkpoint before."""
   w = str(tmp_path / "run")
   shutil.copytree(reference, w)
   os.remove(os.path.join(w, "results.json"))
@@ -190,7 +192,27 @@ def test_checkpoint_damaged_in_place_falls_back_to_the_previous(reference, tmp_p
     f.write(b"\xff" * 4096)
   train.train_and_evaluate(_config(), w)
   out = capsys.readouterr().out
-  assert "checkpoint 20 is damaged (its state does not match the checksum" in out
+  assert "WARNING: checkpoint 20 is damaged (" in out
+  assert "resumed from the checkpoint at step 10" in out
+  assert_same_run(w, reference)
+
+
+def test_a_state_that_fails_its_checksum_falls_back_to_the_previous(reference, tmp_path, capsys):
+  """A state that reads back without an error but not as written (here: the checksum stored
+  beside it no longer matches) is damage: the run resumes from the checkpoint before."""
+  w = str(tmp_path / "run")
+  shutil.copytree(reference, w)
+  os.remove(os.path.join(w, "results.json"))
+  shutil.rmtree(os.path.join(w, "export"))
+  path = os.path.join(w, "checkpoints", "20", "meta", "metadata")
+  with open(path) as f:
+    meta = json.load(f)
+  meta["checksum"][1] ^= 1  # one bit of one leaf's sum
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  train.train_and_evaluate(_config(), w)
+  out = capsys.readouterr().out
+  assert "checkpoint 20 is damaged (its state does not match the checksum written with it)" in out
   assert "resumed from the checkpoint at step 10" in out
   assert_same_run(w, reference)
 
