@@ -38,7 +38,7 @@ _SIZES = flags.DEFINE_list("sizes", ["cpu-0", "cpu-1", "cpu-2", "cpu-3", "cpu-3b
                            "Model presets.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Steps per run (a multiple of 10).")
 _REPS = flags.DEFINE_integer("reps", 2, "Interleaved repetitions (the median is reported).")
-_ALGORITHM = flags.DEFINE_string("algorithm", "local_sgd", "local_sgd or ddp.")
+_ALGORITHM = flags.DEFINE_enum("algorithm", "local_sgd", ["local_sgd", "ddp"], "Algorithm.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/sizes.json", "JSON output.")
 
 VARIANTS = {"per_step": 1, "loop": 0}

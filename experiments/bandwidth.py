@@ -133,17 +133,12 @@ def check_flags() -> tuple[list[float], list[int]]:
   for flag, what in ((_SEQ, "an integer >= 1"), (_VOCAB, "an integer >= 1"),
                      (_TOKENS, "an integer >= 1 tokens per device and step"),
                      (_WORKERS, "an integer >= 1"), (_DPW, "an integer >= 1"),
-                     (_BUCKETS, "an integer >= 0 (0: infinitely fine buckets)"),
                      (_CLUSTERS, "an integer >= 1 (or unset: one per worker)"),
                      (_BW, "a number of Gbit/s > 0"), (_BYTES, "a number of bytes > 0"),
                      (_STEP, "a number of seconds > 0 (or unset)"),
                      (_MFU, "a fraction in (0, 1] (or unset: the device preset's)")):
     v = flag.value
     if v is None and flag.default is None:
-      continue
-    if flag is _BUCKETS:
-      if v < 0:
-        raise ValueError(f"--{flag.name}={v} is not allowed; give {what}.")
       continue
     if not finite_pos(v) or flag is _MFU and v > 1:
       raise ValueError(f"--{flag.name}={v} is not allowed; give {what}.")

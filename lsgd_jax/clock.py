@@ -235,11 +235,12 @@ def step_comm(run: Run, net: Network) -> Comm:
   """The collective of every step: DDP's gradient all-reduce, or local SGD's inside a worker."""
   nbytes = run.params * run.bytes_per_element
   if run.algorithm != "ddp":
-    return _duplex(flat_allreduce(nbytes, [(run.devices_per_worker, "worker")], net), run)
-  groups = [(run.devices_per_worker, "worker")] + run.groups()
-  if run.layout == "flat":
-    return _duplex(flat_allreduce(nbytes, groups, net), run)
-  return _duplex(two_stage_allreduce(nbytes, groups, net), run)
+    comm = flat_allreduce(nbytes, [(run.devices_per_worker, "worker")], net)
+  elif run.layout == "flat":
+    comm = flat_allreduce(nbytes, [(run.devices_per_worker, "worker")] + run.groups(), net)
+  else:
+    comm = two_stage_allreduce(nbytes, [(run.devices_per_worker, "worker")] + run.groups(), net)
+  return _duplex(comm, run)
 
 
 def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
@@ -249,9 +250,11 @@ def sync_comm(run: Run, net: Network, scope: str = "global") -> Comm:
     return Comm()
   nbytes = run.params * (run.outer_bytes_per_element or run.bytes_per_element) / run.fragments
   if run.layout == "flat":
-    return _duplex(flat_allreduce(nbytes, run.groups(scope), net), run)
-  groups = [(run.devices_per_worker, "worker")] + run.groups(scope)
-  return _duplex(two_stage_allreduce(nbytes, groups, net, reduce_scatter=False), run)
+    comm = flat_allreduce(nbytes, run.groups(scope), net)
+  else:
+    comm = two_stage_allreduce(nbytes, [(run.devices_per_worker, "worker")] + run.groups(scope),
+                               net, reduce_scatter=False)
+  return _duplex(comm, run)
 
 
 def period_comm(run: Run, net: Network) -> Comm:

@@ -20,7 +20,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # generated CPU code is most of each compile; at -O0 a tiny run's compiles take ~30% less time
 # (its loss moves in the 8th digit). What the tests check (equalities between two runs, golden
 # values with tolerances, collectives in the optimised HLO, which XLA's HLO passes decide before
-# LLVM) does not depend on it. LSGD_TEST_XLA_OPT=1 runs the suite with the default optimisation.
+# LLVM) does not depend on it. LSGD_TEST_XLA_OPT=1 runs the suite with the default optimisation level.
 # Single-threaded Eigen kernels: the two pytest-xdist workers (and the binaries they start) already
 # keep both cores busy, and intra-op threads on top of them only contend (the suite ran 274 s with
 # them, 260 s without, 2026-12-06).
