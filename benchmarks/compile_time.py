@@ -3,10 +3,10 @@
   python -m benchmarks.compile_time [--runs=2]
 
 Imports tests/conftest.py first, so the run sees exactly what a test sees: 8 fake CPU devices,
-the tests' XLA flags (-O0, single-threaded Eigen) and a fresh persistent compilation cache. Then
-runs `conftest.small_config()` (cpu-tiny, 4 workers, 30 steps) `--runs` times in this process,
-each in a fresh workdir: the first compiles everything, the later ones find their programs in the
-caches. For each run: wall seconds, and from JAX's monitoring events the seconds spent tracing,
+the tests' XLA flags (-O0, elemental emitters, single-threaded Eigen) and a fresh persistent
+compilation cache. Then runs `conftest.small_config()` (cpu-micro, 4 workers, 30 steps) `--runs`
+times in this process, each in a fresh workdir: the first compiles everything, the later ones
+find their programs in the caches. For each run: wall seconds, and from JAX's monitoring events the seconds spent tracing,
 lowering to MLIR and compiling (the XLA backend compile, or reading the program back from the
 persistent cache, which the later runs do). Writes JSON (`--out`).
 """

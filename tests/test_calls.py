@@ -53,6 +53,7 @@ def _run(tmp_path, name, per_call, algorithm):
   return res, records, params
 
 
+@pytest.mark.xla_default
 @pytest.mark.parametrize("algorithm", ["local_sgd", "ddp"])
 def test_scanned_calls_equal_step_by_step(tmp_path, algorithm):
   # 23 steps, H = 10, log every 3, eval every 10: calls of 3, 3, 3, 1, 2, 3, 3, 2, ... steps.

@@ -87,7 +87,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
 
 @pytest.mark.parametrize("change, message", [
     ({"local_sgd__num_workers": 2}, r"local_sgd.num_workers: 4 -> 2"),
-    ({"model__size": "cpu-small"}, r"model.size: 'cpu-tiny' -> 'cpu-small'"),
+    ({"model__size": "cpu-small"}, r"model.size: 'cpu-micro' -> 'cpu-small'"),
     ({"data__tokenizer": "sentencepiece"}, r"data.tokenizer: 'byte' -> 'sentencepiece'"),
 ])
 def test_unsafe_config_change_is_rejected(uninterrupted, change, message):
@@ -160,7 +160,8 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   env = xla_env()
   cmd = [sys.executable, "-m", "experiments.train", "--config=configs/tiny.py",
          f"--workdir={tmp_path}", "--config.train.steps=3000", "--config.train.log_every=5",
-         "--config.train.eval_every=0", "--config.checkpoint.every_minutes=0"]
+         "--config.train.eval_every=0", "--config.checkpoint.every_minutes=0",
+         "--config.model.size=cpu-micro"]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   metrics = tmp_path / "metrics.jsonl"

@@ -142,10 +142,11 @@ def test_curve_time_to_interpolates():
 # --- the masked step and whole runs -------------------------------------------------------------
 
 
+@pytest.mark.xla_default
 @pytest.mark.parametrize("num_devices", [8, 2])  # 1 worker per device group; 2 per device
 def test_masked_step_freezes_inactive_workers_exactly(num_devices):
   layout = mesh.make_layout(4, num_devices)
-  cfg = model.model_config("cpu-tiny", vocab_size=32, max_seq_len=16)
+  cfg = model.model_config("cpu-micro", vocab_size=32, max_seq_len=16)
   loss = lambda p, b: model.loss_fn(cfg, p, b)
   tx = optim.inner_optimizer("adamw", learning_rate=1e-2, total_steps=10, warmup_steps=2)
   init = lambda rng: model.init_params(cfg, rng)
@@ -295,7 +296,7 @@ def test_edge_binary_trains_scenarios_and_writes_the_report(tmp_path):
          f"--workdir={tmp_path / 'runs'}", f"--out={tmp_path / 'report'}",
          "--scenarios=ddp,stragglers_budget", "--config.train.steps=10",
          "--config.local_sgd.sync_every=5", "--config.train.eval_every=5",
-         "--config.optim.warmup_steps=2"]
+         "--config.optim.warmup_steps=2", "--config.model.size=cpu-micro"]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   out = tmp_path / "report"

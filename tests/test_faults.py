@@ -30,10 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = xla_env()
 ENV.pop("LSGD_FAULT", None)
 # The smallest run that has every piece: 2 outer rounds, evaluations, checkpoints every round.
-ARGS = ["--config=configs/tiny.py", "--config.train.steps=20", "--config.train.eval_every=10",
+ARGS = ["--config=configs/tiny.py", "--config.model.size=cpu-micro", "--config.train.steps=20", "--config.train.eval_every=10",
         "--config.train.log_every=5", "--config.checkpoint.every_steps=10",
         "--config.checkpoint.every_minutes=0"]
-OVERRIDES = {"train__steps": 20, "train__eval_every": 10, "train__log_every": 5,
+OVERRIDES = {"model__size": "cpu-micro", "train__steps": 20, "train__eval_every": 10, "train__log_every": 5,
              "checkpoint__every_steps": 10, "checkpoint__every_minutes": 0}
 VOLATILE_METRICS = ("tokens_per_sec",)  # wall clock
 VOLATILE_RESULTS = ("tokens_per_sec", "train_seconds", "resumed_from", "export")  # and paths
@@ -218,7 +218,7 @@ def test_a_state_that_fails_its_checksum_falls_back_to_the_previous(reference, t
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"model__size": "cpu-small"}, "model.size: 'cpu-tiny' -> 'cpu-small'"),
+    ({"model__size": "cpu-small"}, "model.size: 'cpu-micro' -> 'cpu-small'"),
     ({"local_sgd__num_workers": 4}, "local_sgd.num_workers: 8 -> 4"),
     ({"local_sgd__outer_optimizer": "average"}, "local_sgd.outer_optimizer"),
 ])

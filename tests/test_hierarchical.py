@@ -13,7 +13,7 @@ import pytest
 from lsgd_jax import comm, config as config_lib, local_sgd, mesh, model, optim, train
 
 VOCAB, SEQ = 32, 16
-CFG = model.model_config("cpu-tiny", vocab_size=VOCAB, max_seq_len=SEQ)
+CFG = model.model_config("cpu-micro", vocab_size=VOCAB, max_seq_len=SEQ)
 LOSS = functools.partial(model.loss_fn, CFG)
 INIT = functools.partial(model.init_params, CFG)
 TX = optim.inner_optimizer("adamw", learning_rate=3e-3, total_steps=8, warmup_steps=1)

@@ -11,7 +11,7 @@ import pytest
 from lsgd_jax import comm, local_sgd, mesh, model, optim
 
 VOCAB, SEQ = 32, 16
-CFG = model.model_config("cpu-tiny", vocab_size=VOCAB, max_seq_len=SEQ)
+CFG = model.model_config("cpu-micro", vocab_size=VOCAB, max_seq_len=SEQ)
 LOSS = functools.partial(model.loss_fn, CFG)
 INIT = functools.partial(model.init_params, CFG)
 

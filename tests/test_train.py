@@ -100,7 +100,7 @@ def test_train_binary_writes_config_and_metrics(tmp_path):
   env = xla_env()
   cmd = [sys.executable, "-m", "experiments.train", "--config=configs/tiny.py:ddp",
          f"--workdir={tmp_path}", "--config.train.steps=6", "--config.train.log_every=3",
-         "--config.train.eval_batches=1"]
+         "--config.train.eval_batches=1", "--config.model.size=cpu-micro"]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "[ddp] done: eval loss" in out.stdout

@@ -11,7 +11,7 @@ import pytest
 from lsgd_jax import comm, local_sgd, mesh, model, optim
 
 VOCAB, SEQ = 32, 16
-CFG = model.model_config("cpu-tiny", vocab_size=VOCAB, max_seq_len=SEQ)
+CFG = model.model_config("cpu-micro", vocab_size=VOCAB, max_seq_len=SEQ)
 LOSS = functools.partial(model.loss_fn, CFG)
 INIT = functools.partial(model.init_params, CFG)
 TX = optim.inner_optimizer("adamw", learning_rate=3e-3, total_steps=8, warmup_steps=1)
@@ -39,6 +39,7 @@ def _close(a, b, atol=2e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
 
 
+@pytest.mark.xla_default
 @pytest.mark.parametrize("workers,outer_name", [(4, "nesterov"), (2, "adam")])
 def test_two_stage_equals_plain_sync(workers, outer_name):
   """4 workers x 2 data (Nesterov, a failed worker, exact cosine) and 2 x 4 (outer Adam)."""
