@@ -36,7 +36,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The XLA_FLAGS the session started with (pytest-xdist's workers inherit the set ones).
 _USER_XLA_FLAGS = os.environ.setdefault("LSGD_TEST_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 _DEFAULT_XLA = os.environ.get("LSGD_TEST_XLA_OPT") == "1"
-ELEMENTAL_EMITTERS = not _DEFAULT_XLA and os.environ.get("LSGD_TEST_EMITTERS") != "default"
+
+
+def _xla_knows(flag: str) -> bool:
+  """Whether the installed jaxlib has the XLA flag (an unknown flag in XLA_FLAGS aborts the
+  process; a later jaxlib may drop the elemental emitters)."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import mmap  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("jaxlib")
+  for folder in (spec.submodule_search_locations if spec else None) or ():
+    for path in glob.glob(os.path.join(folder, "*.so")):
+      with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m.find(flag.encode()) >= 0:
+          return True
+  return False
+
+
+ELEMENTAL_EMITTERS = (not _DEFAULT_XLA and os.environ.get("LSGD_TEST_EMITTERS") != "default"
+                      and _xla_knows("xla_cpu_use_fusion_emitters"))
 TEST_XLA_FLAGS = " ".join(f for f in (
     "" if _DEFAULT_XLA else "--xla_backend_optimization_level=0",
     "--xla_cpu_use_fusion_emitters=false" if ELEMENTAL_EMITTERS else "",
