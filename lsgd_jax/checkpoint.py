@@ -188,23 +188,29 @@ _HANDLER_SET = False
 class Checkpointer:
   """Saves on an interval in steps and in minutes, keeps the last `max_to_keep`. With minutes
   set, the first save is at `first_step` (the first outer sync), so an early crash loses at most
-  one round instead of the first interval."""
+  one round instead of the first interval. `async_save`: write in the background (True), while
+  the caller waits (False), or "auto": in the background except on a CPU (where the write shares
+  the cores with training and its host copy of the state adds to the next steps' memory)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, every_steps: int = 0,
-               every_minutes: float = 0.0, async_save: bool = True, first_step: int = 0):
+               every_minutes: float = 0.0, async_save: bool | str = "auto",
+               first_step: int = 0):
     self.directory = os.path.abspath(directory)
     self.every_steps, self.every_minutes = every_steps, every_minutes
     self.first_step = first_step
     self._last_time = time.monotonic()
     self._needed = 0  # bytes of the last state saved (for the message of a failed write)
     self._pending = None  # step of the save that may still be writing in the background
+    self._unreported = False  # a save started whose end `save_finished` has not reported
+    if async_save == "auto":
+      async_save = jax.default_backend() != "cpu"
     _cpu_array_handler()
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=async_save))
+                                             enable_async_checkpointing=bool(async_save)))
 
   def due(self, step: int) -> bool:
     if self.every_steps and step % self.every_steps == 0:
@@ -227,7 +233,15 @@ class Checkpointer:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)))
     self._pending = step
+    self._unreported = True
     self._last_time = time.monotonic()
+
+  def save_finished(self) -> bool:
+    """True once for each save, at the first call after its background write ended."""
+    if not self._unreported or self.manager is None or self.manager.is_saving_in_progress():
+      return False
+    self._unreported = False
+    return True
 
   @contextlib.contextmanager
   def _writing(self, step: int | None):

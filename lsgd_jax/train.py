@@ -172,7 +172,8 @@ def _checkpointer(ck: ml_collections.ConfigDict, workdir: str,
   `first_step`, the first outer sync)."""
   return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=ck.max_to_keep, every_steps=ck.every_steps,
-                                 every_minutes=ck.every_minutes, async_save=ck.async_save,
+                                 every_minutes=ck.every_minutes,
+                                 async_save=config_lib.async_save(ck.async_save),
                                  first_step=first_step)
 
 
@@ -291,6 +292,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batches = Batches(s.layout, prefetch)
   t0 = time.perf_counter()
   rounds, progs = _compile(s, state, batches.first(), tag)
+  periodic.release_free_memory()  # what building, initialising and compiling freed
   sim, memory = _pricing(s)
   _print_compiled(tag, time.perf_counter() - t0, progs, rounds, memory, c.clock.device)
   tally = periodic.Tally(meta, sim, tokens_per_step=c.train.global_batch * c.data.seq_len,
@@ -361,10 +363,11 @@ class _Actions(NamedTuple):
   checkpoints: periodic.Checkpointing
   profile: periodic.Profile | None
   preemption: periodic.Preemption
+  memory: periodic.ReleaseMemory
 
   def ordered(self) -> list:
     return [a for a in (self.evaluation, self.log, self.checkpoints, self.profile,
-                        self.preemption) if a is not None]
+                        self.preemption, self.memory) if a is not None]
 
 
 def _eval_every(s: Setup) -> int:
@@ -394,7 +397,8 @@ def _actions(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, stop: period
       evaluation=periodic.Evaluation(s.evaluate, _eval_every(s), t.eval_batches, clock), log=log,
       checkpoints=checkpoints,
       profile=(periodic.Profile(*profile, os.path.join(workdir, "profile")) if profile else None),
-      preemption=periodic.Preemption(stop, tag, ckpt.directory))
+      preemption=periodic.Preemption(stop, tag, ckpt.directory),
+      memory=periodic.ReleaseMemory(ckpt))
 
 
 def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data.Prefetcher,

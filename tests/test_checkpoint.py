@@ -183,3 +183,35 @@ def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"resumed from the checkpoint at step {saved[0]}" in done.stdout
   assert json.load(open(tmp_path / "results.json"))["resumed_from"] == saved[0]
+
+
+@pytest.mark.parametrize("async_save", [True, "auto"])
+def test_memory_is_released_once_after_each_save_has_finished(tmp_path, async_save):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from lsgd_jax import periodic  # pylint: disable=import-outside-toplevel
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=async_save)
+  calls = []
+  release = periodic.ReleaseMemory(ckpt, release=lambda: calls.append(1))
+  end = periodic.StepEnd(1, False, None, None, None, {})
+  assert not release.due(end)  # nothing saved yet
+  state = {"w": jnp.arange(1 << 16, dtype=jnp.float32)}
+  for step in (1, 2):
+    ckpt.save(step, state, {})
+    if async_save == "auto":  # on a CPU "auto" writes while the caller waits
+      assert not ckpt.manager.is_saving_in_progress()
+    ckpt.wait()
+    assert release.due(end)
+    release(end)
+    assert not release.due(end)  # once per save
+  assert calls == [1, 1]
+  ckpt.close()
+  assert periodic.release_free_memory()  # glibc (Linux): the free pages went back to the OS
+
+
+def test_async_save_setting_is_checked():
+  from lsgd_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  assert [config_lib.async_save(v) for v in ("auto", "True", "false", False)] == [
+      "auto", True, False, False]
+  with pytest.raises(ValueError, match=r"checkpoint.async_save must be 'auto', True or False, "
+                                       r"got 'sometimes'"):
+    config_lib.validate(_config(checkpoint__async_save="sometimes"))

@@ -1,0 +1,106 @@
+"""The trainer's resident memory over a run: the issue-11 command, RSS sampled beside it.
+
+  python -m benchmarks.trainer_memory                      # ~1 min on 2 cores
+  python -m benchmarks.trainer_memory --steps=50 -- --config.checkpoint.async_save=True
+
+Starts `experiments.train` on the issue-11 workload (configs/tiny.py with cpu-base, a 1,024-token
+sentencepiece vocabulary, sequence 256, 16 sequences per step, K = 8 on 8 fake CPU devices, H = 10,
+no evaluation; the default checkpoint settings: a save at the first outer sync and one at the
+end) as a child process, with any arguments after `--` added to its command line. Reads the
+child's resident set size (/proc/PID/status VmRSS) every `--every` seconds and prints the
+trainer's own lines with the RSS at each, then: the maximum, where it was reached (between
+which two of the trainer's lines), the RSS over the last round, and the child's wall time.
+Writes JSON (`--out`) with every sample. Linux only (/proc).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from absl import app, flags
+
+_STEPS = flags.DEFINE_integer("steps", 50, "Training steps (a multiple of H = 10).")
+_EVERY = flags.DEFINE_float("every", 0.1, "Seconds between RSS samples.")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_memory.json", "JSON output.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOAD = ["--config=configs/tiny.py", "--config.model.size=cpu-base",
+            "--config.data.tokenizer=sentencepiece", "--config.data.vocab_size=1024",
+            "--config.data.seq_len=256", "--config.model.max_seq_len=256",
+            "--config.train.global_batch=16", "--config.local_sgd.sync_every=10",
+            "--config.train.eval_every=0", "--config.train.eval_batches=0"]
+GIB = 2.0 ** 30
+
+
+def _rss(pid: int) -> float | None:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024 / GIB
+  except (FileNotFoundError, ProcessLookupError):
+    return None
+  return None
+
+
+def main(argv):
+  extra = argv[1:]
+  if _STEPS.value < 10 or _STEPS.value % 10:
+    raise app.UsageError(f"--steps={_STEPS.value}: give a positive multiple of H = 10")
+  if not os.path.exists("/proc/self/status"):
+    raise app.UsageError("this benchmark reads /proc (Linux only)")
+  workdir = tempfile.mkdtemp(prefix="lsgd-memory-")
+  cmd = [sys.executable, "-m", "experiments.train", *WORKLOAD, f"--workdir={workdir}",
+         f"--config.train.steps={_STEPS.value}", *extra]
+  flags_env = os.environ.get("XLA_FLAGS", "")
+  env = {**os.environ, "PYTHONUNBUFFERED": "1",
+         "XLA_FLAGS": f"{flags_env} --xla_force_host_platform_device_count=8".strip()}
+  t0 = time.monotonic()
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines: list[tuple[float, str]] = []
+
+  def read():
+    for line in proc.stdout:
+      line = line.rstrip()
+      if line.startswith("["):  # the trainer's own lines, not absl's logging
+        lines.append((time.monotonic() - t0, line))
+        print(f"{lines[-1][0]:7.1f}s  rss {samples[-1][1] if samples else 0:.2f} GiB  {line}",
+              flush=True)
+
+  samples: list[tuple[float, float]] = []
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  while proc.poll() is None:
+    r = _rss(proc.pid)
+    if r is not None:
+      samples.append((time.monotonic() - t0, r))
+    time.sleep(_EVERY.value)
+  reader.join()
+  wall = time.monotonic() - t0
+  if proc.returncode != 0 or not samples:
+    raise SystemExit(f"the trainer failed (exit {proc.returncode}): {cmd}")
+  t_max, r_max = max(samples, key=lambda s: s[1])
+  before = [l for t, l in lines if t <= t_max]
+  after = [l for t, l in lines if t > t_max]
+  steps = [t for t, l in lines if f"step {_STEPS.value - 10}/" in l]
+  last_round = [r for t, r in samples if steps and t >= steps[0]]
+  print(f"\nmax RSS {r_max:.2f} GiB at {t_max:.1f}s, between\n  {before[-1][:90] if before else '-'}"
+        f"\n  {after[0][:90] if after else '-'}")
+  if last_round:
+    print(f"RSS over the last round: {min(last_round):.2f}-{max(last_round):.2f} GiB")
+  print(f"wall {wall:.1f}s; command: {' '.join(cmd[1:])}")
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump({"command": cmd[1:], "max_rss_gib": r_max, "max_at_s": t_max, "wall_s": wall,
+               "last_round_gib": [min(last_round), max(last_round)] if last_round else None,
+               "lines": lines, "samples": samples}, f, indent=1)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
