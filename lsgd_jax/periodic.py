@@ -198,14 +198,13 @@ class MetricsLog:
     if end.last or every(self.eval_every, end.step) or every(self.log_every, end.step):
       self.pending = (end.step, end.metrics, end.diag, end.point)
 
-  def write_pending(self, progress: bool = True) -> None:
+  def write_pending(self) -> None:
     if self.pending is None:
       return
     step, m, diag, point = self.pending
     record, self.pending = self._record(step, m, diag, point), None
     self.writer.write(record, outer=diag.keys() if diag is not None else ())
-    if progress:
-      self.progress.update(record["step"], record)
+    self.progress.update(record["step"], record)
     self.last_record = record
 
   def _record(self, step: int, m: dict, diag: dict | None, point: dict) -> dict:
@@ -244,7 +243,7 @@ class Checkpointing:
     return self.stop.signum is not None or (not end.last and self.checkpointer.due(end.step))
 
   def __call__(self, end: StepEnd) -> None:
-    self.log.write_pending(progress=False)  # metrics up to the checkpoint are written before it
+    self.log.write_pending()  # metrics up to the checkpoint are written (and shown) before it
     self.save(end)
 
   def save(self, end: StepEnd) -> None:

@@ -73,6 +73,9 @@ def test_finished_run_is_not_retrained(uninterrupted, capsys):
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   ref = train.train_and_evaluate(_config(checkpoint__every_steps=10), workdir)
+  shown = [l.split(" | ")[0] for l in capsys.readouterr().out.splitlines() if " | loss " in l]
+  # every logged step has its progress line, those with a checkpoint too (log_every 5)
+  assert shown == [f"[local_sgd] step {s}/30" for s in range(5, 31, 5)], shown
   os.remove(os.path.join(workdir, "results.json"))
   latest = os.path.join(workdir, "checkpoints", "30", "state")
   for path in glob.glob(os.path.join(latest, "**", "*"), recursive=True):
