@@ -63,10 +63,12 @@ def main(argv):
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   lines: list[tuple[float, str]] = []
+  tail: list[str] = []  # the child's last lines, shown if it fails
 
   def read():
     for line in proc.stdout:
       line = line.rstrip()
+      tail[:] = (tail + [line])[-40:]
       if line.startswith("["):  # the trainer's own lines, not absl's logging
         lines.append((time.monotonic() - t0, line))
         print(f"{lines[-1][0]:7.1f}s  rss {samples[-1][1] if samples else 0:.2f} GiB  {line}",
@@ -83,7 +85,7 @@ def main(argv):
   reader.join()
   wall = time.monotonic() - t0
   if proc.returncode != 0 or not samples:
-    raise SystemExit(f"the trainer failed (exit {proc.returncode}): {cmd}")
+    raise SystemExit("\n".join(tail) + f"\nthe trainer failed (exit {proc.returncode}): {cmd}")
   t_max, r_max = max(samples, key=lambda s: s[1])
   before = [l for t, l in lines if t <= t_max]
   after = [l for t, l in lines if t > t_max]

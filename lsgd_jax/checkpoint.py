@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lsgd_jax import faults
+from lsgd_jax.config import async_save as _async_save
 from lsgd_jax.config import base_config
 
 # Changing one of these makes a saved state mean something else (or not fit): a clear error.
@@ -189,8 +190,9 @@ class Checkpointer:
   """Saves on an interval in steps and in minutes, keeps the last `max_to_keep`. With minutes
   set, the first save is at `first_step` (the first outer sync), so an early crash loses at most
   one round instead of the first interval. `async_save`: write in the background (True), while
-  the caller waits (False), or "auto": in the background except on a CPU (where the write shares
-  the cores with training and its host copy of the state adds to the next steps' memory)."""
+  the caller waits (False), or "auto" (or None): in the background except on a CPU (where the
+  write shares the cores with training and its host copy of the state adds to the next steps'
+  memory)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, every_steps: int = 0,
                every_minutes: float = 0.0, async_save: bool | str = "auto",
@@ -202,6 +204,7 @@ class Checkpointer:
     self._needed = 0  # bytes of the last state saved (for the message of a failed write)
     self._pending = None  # step of the save that may still be writing in the background
     self._unreported = False  # a save started whose end `save_finished` has not reported
+    async_save = _async_save(async_save)
     if async_save == "auto":
       async_save = jax.default_backend() != "cpu"
     _cpu_array_handler()
@@ -210,7 +213,7 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=bool(async_save)))
+                                             enable_async_checkpointing=async_save))
 
   def due(self, step: int) -> bool:
     if self.every_steps and step % self.every_steps == 0:
@@ -221,8 +224,8 @@ class Checkpointer:
                                          >= 60 * self.every_minutes)
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an (asynchronous) save with the state's checksum in `meta`; every process must
-    call it. A failed write raises CheckpointWriteError (here or at the next save / wait)."""
+    """Saves (in the background if async) with the state's checksum in `meta`; every process
+    must call it. A failed write raises CheckpointWriteError (here or at the next save / wait)."""
     if step in self.manager.all_steps():
       return
     faults.point("save", step)

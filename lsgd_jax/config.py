@@ -119,11 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_minutes = 10.0  # and every N minutes of wall time, the first at the first
   #                                    outer sync (step local_sgd.sync_every) (0: off)
   c.checkpoint.max_to_keep = 3       # newest checkpoints kept
-  # Write in the background while training goes on (True) or while it waits (False); "auto": in
-  # the background on an accelerator, waiting on a CPU, where a background write shares the cores
-  # and its host copy of the state adds to the next steps' buffers (the issue-11 workload: peak
-  # memory 2.56 -> 2.21 GiB at the same tokens/s, docs/benchmarks.md).
-  c.checkpoint.async_save = ml_collections.FieldReference("auto", field_type=object)  # or a bool
+  # Write in the background while training goes on (True) or while it waits (False); None (auto):
+  # in the background on an accelerator, waiting on a CPU, where a background write shares the
+  # cores and its host copy of the state adds to the next steps' buffers (the issue-11 workload:
+  # peak memory 2.60 -> 2.13 GiB at the same tokens/s, docs/benchmarks.md).
+  c.checkpoint.async_save = ml_collections.config_dict.placeholder(bool)
 
   c.faults = ml_collections.ConfigDict()  # injected faults (reliability and edge studies)
   c.faults.fail_prob = 0.0      # chance that a worker fails in a round (left out of the mean)
@@ -261,24 +261,25 @@ def _validate_rates(c: ml_collections.ConfigDict) -> None:
                      "and outer_momentum.")
 
 
-def async_save(value) -> str | bool:
-  """checkpoint.async_save as checkpoint.Checkpointer takes it: 'auto', True or False (like
-  local_sgd.two_stage, the key holds a string and the command line gives 'True' / 'False')."""
+def _auto_bool(key: str, value) -> str | bool:
+  """'auto', True or False: a key that holds "auto" or a bool; the command line gives 'True' /
+  'False' (any case) for the string-typed key two_stage."""
   if isinstance(value, bool) or value == "auto":
     return value
   if isinstance(value, str) and value.lower() in ("true", "false"):
     return value.lower() == "true"
-  raise ValueError(f"checkpoint.async_save must be 'auto', True or False, got {value!r}.")
+  raise ValueError(f"{key} must be 'auto', True or False, got {value!r}.")
+
+
+def async_save(value) -> str | bool:
+  """checkpoint.async_save as checkpoint.Checkpointer takes it: 'auto' (the key's None), True or
+  False."""
+  return _auto_bool("checkpoint.async_save", "auto" if value is None else value)
 
 
 def two_stage(value) -> str | bool:
-  """local_sgd.two_stage as make_layout takes it: 'auto', True or False. The key holds a string
-  (the default 'auto'), so the command line gives 'True' / 'False'; Python code may give bools."""
-  if isinstance(value, bool) or value == "auto":
-    return value
-  if isinstance(value, str) and value.lower() in ("true", "false"):
-    return value.lower() == "true"
-  raise ValueError(f"local_sgd.two_stage must be 'auto', True or False, got {value!r}.")
+  """local_sgd.two_stage as make_layout takes it: 'auto', True or False."""
+  return _auto_bool("local_sgd.two_stage", value)
 
 
 def check_outer_layout(c: ml_collections.ConfigDict, two_stage: bool) -> None:

@@ -27,6 +27,7 @@ import ctypes
 import dataclasses
 import math
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -261,23 +262,25 @@ class Checkpointing:
 
 def release_free_memory() -> bool:
   """Hands the free pages of the C heap back to the OS (glibc's `malloc_trim(0)`); False where
-  there is no glibc. A process keeps memory it has freed for reuse, and a checkpoint save on a CPU
-  frees a host copy of the whole state from the writer's threads, whose heaps the training's
-  threads do not reuse: without this the trainer's resident memory stays that much higher after
-  the first save (the issue-11 workload: 2.85 GiB for the rest of the run instead of ~2.0,
-  docs/benchmarks.md). Costs a few milliseconds, and page faults where the freed pages are used
-  again."""
+  there is no glibc (macOS, Windows, musl). A process keeps memory it has freed for reuse, and a
+  checkpoint save on a CPU frees a host copy of the whole state from threads whose heaps the
+  training's threads do not reuse: without this the trainer's resident memory stays that much
+  higher after the first save (the issue-11 workload: 2.85 GiB for the rest of the run instead of
+  ~2.0, docs/benchmarks.md). Costs a few milliseconds, and page faults where the freed pages are
+  used again."""
+  if not sys.platform.startswith("linux"):
+    return False
   try:
     trim = ctypes.CDLL(None).malloc_trim
-  except (OSError, AttributeError):
+  except (OSError, AttributeError, TypeError):
     return False
   trim(0)
   return True
 
 
 class ReleaseMemory:
-  """After the first call that ends once a checkpoint's background write has finished:
-  `release_free_memory()` (once per save)."""
+  """`release_free_memory()` once per checkpoint save, at the first call end after its write has
+  finished (at once for a save written while training waited, `checkpoint.async_save`)."""
 
   def __init__(self, checkpointer, release: Callable[[], Any] = release_free_memory):
     self.checkpointer, self.release = checkpointer, release

@@ -23,7 +23,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # values with tolerances, collectives in the optimised HLO, which XLA's HLO passes decide before
 # LLVM) does not depend on it.
 # XLA:CPU's elemental emitters for fusions instead of its newer MLIR fusion emitters: a tiny
-# run's compiles take another ~30% less time (the suite: 253 s -> ~170 s, 2026-12-06). Under them
+# run's compiles take another ~30% less time (the suite: 253 s -> 183 s, 2026-12-06). Under them
 # two programs that compute the same values in a different shape (a step alone and inside the
 # loop program, a masked step and a plain one) can differ in the last bit, where the default
 # emitters give the same bits; the tests that claim such a bit equality carry the `xla_default`
@@ -79,7 +79,34 @@ import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 assert jax.device_count() == 8, "conftest must run before anything imports jax"
 
 
-_CHILD_RUNS: dict[str, tuple[set[str], str]] = {}  # module path -> (passed node ids, output)
+# module path -> {node id: (outcome, message)} from the module's child run
+_CHILD_RUNS: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+def _child_outcomes(module: str, ids: list[str], rootpath: str) -> dict[str, tuple[str, str]]:
+  """Runs `ids` (tests of `module`) in a child pytest with XLA's default emitters; each node id's
+  outcome ("passed", "failed" or "skipped") and message, from the child's JUnit XML report."""
+  import xml.etree.ElementTree as ET  # pylint: disable=import-outside-toplevel
+  env = {**os.environ, "XLA_FLAGS": _USER_XLA_FLAGS, "LSGD_TEST_EMITTERS": "default"}
+  with tempfile.TemporaryDirectory() as d:
+    report = os.path.join(d, "report.xml")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-m", "",
+           "--color=no", f"--junitxml={report}", *ids]
+    res = subprocess.run(cmd, cwd=rootpath, env=env, capture_output=True, text=True, check=False)
+    tail = f"{res.stdout[-4000:]}{res.stderr[-2000:]}"
+    outcomes = {i: ("failed", f"no result for it; the child pytest said:\n{tail}") for i in ids}
+    if os.path.exists(report):
+      for case in ET.parse(report).getroot().iter("testcase"):
+        node = f"{module}::{case.get('name')}"
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        skip = case.find("skipped")
+        if bad is not None:
+          outcomes[node] = ("failed", f"{bad.get('message', '')}\n{bad.text or ''}")
+        elif skip is not None:
+          outcomes[node] = ("skipped", skip.get("message", ""))
+        else:
+          outcomes[node] = ("passed", "")
+  return outcomes
 
 
 def pytest_pyfunc_call(pyfuncitem):
@@ -93,16 +120,12 @@ def pytest_pyfunc_call(pyfuncitem):
   if module not in _CHILD_RUNS:
     ids = [i.nodeid for i in pyfuncitem.session.items
            if i.nodeid.split("::")[0] == module and i.get_closest_marker("xla_default")]
-    env = {**os.environ, "XLA_FLAGS": _USER_XLA_FLAGS, "LSGD_TEST_EMITTERS": "default"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-n", "0", "-p", "no:cacheprovider",
-           "-m", "", *ids]
-    res = subprocess.run(cmd, cwd=str(pyfuncitem.config.rootpath), env=env, capture_output=True,
-                         text=True, check=False)
-    passed = {l.split(" ", 1)[1].strip() for l in res.stdout.splitlines() if l.startswith("PASSED ")}
-    _CHILD_RUNS[module] = passed, res.stdout[-8000:] + res.stderr[-2000:]
-  passed, output = _CHILD_RUNS[module]
-  if pyfuncitem.nodeid not in passed:
-    pytest.fail(f"in a child process with XLA's default emitters:\n{output}", pytrace=False)
+    _CHILD_RUNS[module] = _child_outcomes(module, ids, str(pyfuncitem.config.rootpath))
+  outcome, message = _CHILD_RUNS[module][pyfuncitem.nodeid]
+  if outcome == "skipped":
+    pytest.skip(message)
+  if outcome == "failed":
+    pytest.fail(f"in a child process with XLA's default emitters: {message}", pytrace=False)
   return True
 
 

@@ -44,8 +44,8 @@ def _free_port() -> int:
 
 
 def _overrides(data_dir, steps=12, **extra):
-  flat = {"model.size": "cpu-micro", "train.steps": steps, "train.log_every": 1, "train.eval_every": 6,
-          "data.data_dir": str(data_dir), **extra}
+  flat = {"model.size": "cpu-micro", "train.steps": steps, "train.log_every": 1,
+          "train.eval_every": 6, "data.data_dir": str(data_dir), **extra}
   return flat
 
 
