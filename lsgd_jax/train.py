@@ -421,8 +421,9 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
                     cuts=syncs + (c.train.log_every, _eval_every(s),
                                   c.checkpoint.every_steps),
                     at=(c.faults.nan_step,) + profiled)
-      state, end = _loop(progs, rounds, tally, acts.ordered(), state, batches, calls, start,
-                         c.train.steps, _poison(c.faults.nan_worker), c.faults.nan_step)
+      state, end = _loop(progs, rounds, tally, acts.ordered(), acts.log.write_pending, state,
+                         batches, calls, start, c.train.steps, _poison(c.faults.nan_worker),
+                         c.faults.nan_step)
       jax.block_until_ready(state)
       prefetch.close()
       acts.log.write_pending()
@@ -495,10 +496,12 @@ class Batches:
 
 
 def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic.Tally,
-          actions: list, state: local_sgd.TrainState, batches: "Batches", calls: "Calls",
-          start: int, total: int, poison: Callable, nan_step: int):
+          actions: list, flush_log: Callable[[], None], state: local_sgd.TrainState,
+          batches: "Batches", calls: "Calls", start: int, total: int, poison: Callable,
+          nan_step: int):
   """Steps `start` .. `total` - 1, a call of the compiled step at a time (`calls`): the inner
-  steps, the outer syncs due, then each periodic action that is due (in order). Returns the final
+  steps, the previous logged record (`flush_log`), the outer syncs due, then each periodic
+  action that is due (in order). Returns the final
   state and what the last step left (None if none ran). The trace annotations name each call by
   its first step, and its outer syncs, in a profile."""
   end, step = None, start
@@ -514,6 +517,11 @@ def _loop(progs: rounds_lib.Programs, rounds: rounds_lib.Rounds, tally: periodic
         state, m = progs.steps(state, batch, n)  # m: the last step's metrics
       for _ in range(n):
         tally.inner_step(progs.step_comm.wire_bytes)
+      # The previous logged step's record, while this call runs: its metrics are ready once this
+      # call has started, and the syncs below may hold the host until this call ends (a donated
+      # state is waited for on a CPU), which would put its line, and the tokens/s measured at
+      # it, a whole call late.
+      flush_log()
       stop = step + n
       last = stop == total
       with jax.profiler.TraceAnnotation("outer_syncs"):
