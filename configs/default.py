@@ -16,9 +16,9 @@ Measured with this command (2026-12-06, jax 0.10.2): eval loss DDP 1.6577, local
 local SGD is 0.27 nats (16%) behind DDP at this size. The study's seed-0 runs of this exact config
 (docs/scaling_cpu_v2/results.csv, trained on 2026-12-01 before the trainer's current loop
 program; each beside another sweep, DDP 2m14s, local SGD 3m22s) read DDP 1.6625, local SGD
-1.9232: the same gap to 0.01 nats; the runs drift apart by float reassociation over 692 steps. Over seeds 0-2
-the study reports the gap with its interval. The study finds the gap comes from splitting the batch
-over 8 workers (K = 1 is within noise of DDP) and grows with N over its range.
+1.9232: the same gap to 0.01 nats; the runs drift apart by float reassociation over 692 steps.
+Over seeds 0-2 the study reports the gap with its interval. The study finds the gap comes from
+splitting the batch over 8 workers (K = 1 is within noise of DDP) and grows with N over its range.
 `python -m experiments.train --config=configs/default.py:ddp --workdir=DIR` trains one method;
 `--config.data.name=text --config.data.path=FILE_OR_FOLDER` trains on your own text.
 """
