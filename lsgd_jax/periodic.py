@@ -181,8 +181,8 @@ class Evaluation:
 class MetricsLog:
   """Writes the record of each logged step (every `log_every` and `eval_every` steps and the last)
   one step late: its metrics are fetched once the next step is dispatched (the loop calls
-  `write_pending` right after dispatching it, before the syncs, which may wait for it). `writer` is a
-  metrics.MetricWriter, `progress` a metrics.Progress; `last_record` is the latest written."""
+  `write_pending` right after dispatching it, before the syncs, which may wait for it). `writer`
+  is a metrics.MetricWriter, `progress` a metrics.Progress; `last_record` is the latest written."""
 
   def __init__(self, writer, progress, divergence: Divergence, clock: TrainClock, *,
                log_every: int, eval_every: int, tokens: int):
