@@ -34,7 +34,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # LSGD_TEST_XLA_OPT=1 runs the suite with XLA's defaults (optimisation level and emitters);
 # LSGD_TEST_EMITTERS=default keeps -O0 with the default emitters (what `xla_default` tests get).
 # The XLA_FLAGS the session started with (pytest-xdist's workers inherit the set ones).
-_USER_XLA_FLAGS = os.environ.setdefault("LSGD_TEST_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+_USER_XLA_FLAGS = os.environ.setdefault("LSGD_TEST_USER_XLA_FLAGS",
+                                       os.environ.get("XLA_FLAGS", ""))
 _DEFAULT_XLA = os.environ.get("LSGD_TEST_XLA_OPT") == "1"
 
 
