@@ -11,6 +11,11 @@ child's resident set size (/proc/PID/status VmRSS) every `--every` seconds and p
 trainer's own lines with the RSS at each, then: the maximum, where it was reached (between
 which two of the trainer's lines), the RSS over the last round, and the child's wall time.
 Writes JSON (`--out`) with every sample. Linux only (/proc).
+
+`--breakdown` first builds the same run in this process (the config with the same overrides) and
+prints where the memory is planned to go: the training state's bytes per field, summed over every
+device's copy (a replicated array is held once per fake device), and the temporaries XLA plans
+for one call of the loop program on one device, times the devices.
 """
 
 import json
@@ -26,6 +31,8 @@ from absl import app, flags
 _STEPS = flags.DEFINE_integer("steps", 50, "Training steps (a multiple of H = 10).")
 _EVERY = flags.DEFINE_float("every", 0.1, "Seconds between RSS samples.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_memory.json", "JSON output.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "First print the state's and the loop "
+                               "program's planned bytes (built in this process).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOAD = ["--config=configs/tiny.py", "--config.model.size=cpu-base",
@@ -47,16 +54,69 @@ def _rss(pid: int) -> float | None:
   return None
 
 
+def _config(args: list[str]):
+  """configs/tiny.py with the `--config.a.b=value` overrides of `args` (values cast to the
+  type of the key's default; None-valued keys take Python literals)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for arg in args:
+    if not arg.startswith("--config."):
+      continue
+    key, value = arg[len("--config."):].split("=", 1)
+    *path, name = key.split(".")
+    section = c
+    for part in path:
+      section = section[part]
+    old = section[name]
+    section[name] = (ast.literal_eval(value) if old is None else
+                     value.lower() == "true" if isinstance(old, bool) else type(old)(value))
+  return c
+
+
+def breakdown(args: list[str]) -> dict:
+  """Planned bytes of the run `args` describes: the state per field and the loop's temporaries."""
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+  import jax  # pylint: disable=import-outside-toplevel
+  from lsgd_jax import data, train  # pylint: disable=import-outside-toplevel
+  s = train.build(_config(args))
+  state = s.init_state()
+  fields = {name: sum(sh.data.nbytes for x in jax.tree.leaves(part) for sh in x.addressable_shards)
+            for name, part in zip(state._fields, state)}
+  prefetch = data.Prefetcher(s.dataset, start_step=0, depth=1)
+  compile_run = train._compile  # pylint: disable=protected-access
+  try:
+    _, progs = compile_run(s, state, train.Batches(s.layout, prefetch).first(), "[breakdown]")
+  finally:
+    prefetch.close()
+  program = progs.loop if progs.loop is not None else progs.step
+  temp = program.memory_analysis().temp_size_in_bytes
+  devices = s.layout.mesh.size
+  print("\nplanned memory (GiB):")
+  for name, nbytes in fields.items():
+    if nbytes:
+      print(f"  state.{name:<18s} {nbytes / GIB:6.3f}  (all devices' copies)")
+  print(f"  state, total             {sum(fields.values()) / GIB:6.3f}")
+  print(f"  loop temporaries         {temp * devices / GIB:6.3f}  ({temp / 2**20:.1f} MiB per "
+        f"device x {devices} devices)\n", flush=True)
+  return {"state_bytes": fields, "temp_bytes_per_device": temp, "devices": devices}
+
+
 def main(argv):
   extra = argv[1:]
   if _STEPS.value < 10 or _STEPS.value % 10:
     raise app.UsageError(f"--steps={_STEPS.value}: give a positive multiple of H = 10")
   if not os.path.exists("/proc/self/status"):
     raise app.UsageError("this benchmark reads /proc (Linux only)")
+  flags_env = os.environ.get("XLA_FLAGS", "")  # before breakdown() adds the fake devices
+  planned = breakdown(WORKLOAD + extra) if _BREAKDOWN.value else None
   workdir = tempfile.mkdtemp(prefix="lsgd-memory-")
   cmd = [sys.executable, "-m", "experiments.train", *WORKLOAD, f"--workdir={workdir}",
          f"--config.train.steps={_STEPS.value}", *extra]
-  flags_env = os.environ.get("XLA_FLAGS", "")
   env = {**os.environ, "PYTHONUNBUFFERED": "1",
          "XLA_FLAGS": f"{flags_env} --xla_force_host_platform_device_count=8".strip()}
   t0 = time.monotonic()
@@ -98,7 +158,7 @@ def main(argv):
   print(f"wall {wall:.1f}s; command: {' '.join(cmd[1:])}")
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
-    json.dump({"command": cmd[1:], "max_rss_gib": r_max, "max_at_s": t_max, "wall_s": wall,
+    json.dump({"command": cmd[1:], "planned": planned, "max_rss_gib": r_max, "max_at_s": t_max, "wall_s": wall,
                "last_round_gib": [min(last_round), max(last_round)] if last_round else None,
                "lines": lines, "samples": samples}, f, indent=1)
   print(f"wrote {_OUT.value}")

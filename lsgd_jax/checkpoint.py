@@ -195,7 +195,7 @@ class Checkpointer:
   memory)."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, every_steps: int = 0,
-               every_minutes: float = 0.0, async_save: bool | str = "auto",
+               every_minutes: float = 0.0, async_save: bool | str | None = "auto",
                first_step: int = 0):
     self.directory = os.path.abspath(directory)
     self.every_steps, self.every_minutes = every_steps, every_minutes

@@ -266,7 +266,7 @@ def release_free_memory() -> bool:
   there is no glibc (macOS, Windows, musl). A process keeps memory it has freed for reuse, and a
   checkpoint save on a CPU frees a host copy of the whole state from threads whose heaps the
   training's threads do not reuse: without this the trainer's resident memory stays that much
-  higher after the first save (the issue-11 workload: 2.85 GiB for the rest of the run instead of
+  higher after the first save (the issue-11 workload: 2.7-2.85 GiB for the rest of the run, not
   ~2.0, docs/benchmarks.md). Costs a few milliseconds, and page faults where the freed pages are
   used again."""
   if not sys.platform.startswith("linux"):

@@ -45,8 +45,8 @@ def sim_clock(clock_cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout,
       sync_every=cluster_sync_every if hier else sync_every,
       global_sync_every=sync_every if hier else 0,
       layout="two_stage" if layout.two_stage and algorithm == "local_sgd" else "flat",
-      comm_overlap=clock_cfg.comm_overlap, comm_buckets=clock_cfg.get("comm_buckets", 0),
-      duplex=bool(clock_cfg.get("duplex", False)), **(streaming or {}))
+      comm_overlap=clock_cfg.comm_overlap, comm_buckets=clock_cfg.comm_buckets,
+      duplex=clock_cfg.duplex, **(streaming or {}))
   net = clock_lib.Network.for_device(clock_cfg.device, clock_cfg.inter_link,
                                      clock_cfg.cluster_link or None)
   if clock_cfg.inter_bandwidth:

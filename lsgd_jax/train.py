@@ -172,8 +172,7 @@ def _checkpointer(ck: ml_collections.ConfigDict, workdir: str,
   `first_step`, the first outer sync)."""
   return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=ck.max_to_keep, every_steps=ck.every_steps,
-                                 every_minutes=ck.every_minutes,
-                                 async_save=config_lib.async_save(ck.async_save),
+                                 every_minutes=ck.every_minutes, async_save=ck.async_save,
                                  first_step=first_step)
 
 

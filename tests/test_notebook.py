@@ -1,8 +1,8 @@
 """notebooks/quickstart.ipynb runs top to bottom on CPU and is stored without outputs.
 
 The code cells are joined into one script and run in a fresh Python (no Jupyter kernel needed:
-the notebook has no magics), from notebooks/ as a user would open it, with the test session's compile flags (the
-first cell adds 8 fake devices to them) and a fresh tfds data_dir.
+the notebook has no magics), from notebooks/ as a user would open it, with the test session's
+compile flags (the first cell adds 8 fake devices to them) and a fresh tfds data_dir.
 """
 
 import json
