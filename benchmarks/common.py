@@ -96,7 +96,8 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 def _category(name: str, op: str) -> str:
   """The kind of work an XLA:CPU kernel does, from its name and the op_name JAX gave it."""
-  attention = any(s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap("))
+  attention = any(s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap(",
+                                     "causal_attention"))
   if "jvp" not in op:
     return "optimizer (AdamW, clipping)"
   if attention:
@@ -127,3 +128,80 @@ def profile_breakdown(run, compiled_text: str, steps: int = 3) -> list[dict]:
       totals[_category(e["name"], meta[e["name"]])] += e.get("dur", 0) / 1e3 / steps
   whole = sum(totals.values()) or 1.0
   return [{"category": c, "ms_per_step": v, "share": v / whole} for c, v in totals.most_common()]
+
+
+def trace_to(fn: Callable[[int], Any], steps: int, dest: str) -> str:
+  """Runs `fn(steps)` under `jax.profiler.trace` and keeps the trace's perfetto JSON as `dest`."""
+  os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      fn(steps)
+    src = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    with open(src, "rb") as f, open(dest, "wb") as g:
+      g.write(f.read())
+  return dest
+
+
+_KERNEL_KINDS = (  # (kind, substrings of a GPU kernel's name), first match wins
+    ("attention", ("cudnn", "flash", "fmha", "sdpa", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "matmul", "dot")),
+    ("copy", ("memcpy", "memset", "copy", "transpose")),
+    ("reduction", ("reduce", "reduction")),
+)
+
+
+def kernel_kind(name: str) -> str:
+  low = name.lower()
+  for kind, keys in _KERNEL_KINDS:
+    if any(k in low for k in keys):
+      return kind
+  return "elementwise / other fusions"
+
+
+def _cpu_kernel(name: str) -> bool:  # not a Python frame or a runtime wrapper
+  return not name.startswith("$") and "::" not in name and "(" not in name
+
+
+def kernel_table(path: str, steps: int = 1, top: int = 25) -> str:
+  """Device time per step from a perfetto trace (`trace_to`): by kind of kernel (matmul,
+  attention, copies, reductions, other fusions), then the `top` kernels by name, then the time
+  on each of the device's timelines (streams; derived lines such as 'XLA Ops' repeat the kernels,
+  so only the busiest stream line is counted in the tables). On a CPU trace (no device process)
+  the XLA threads' events are used instead."""
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  procs, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e["pid"]] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  device = {p for p, n in procs.items() if "/device:" in n}
+  per_line = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and (e["pid"] in device if device else _cpu_kernel(e["name"])):
+      per_line[(e["pid"], e.get("tid"))] += e.get("dur", 0) / 1e3 / steps
+  lines = [f"{procs.get(p, p)} / {threads.get((p, t), t)}: {ms:.2f} ms" for (p, t), ms in
+           per_line.most_common(12)]
+  # Kernel lines: stream lines of the device (not the derived 'XLA Ops' / 'XLA Modules' / 'Steps'
+  # lines); on a CPU every non-python thread.
+  derived = ("xla ops", "xla modules", "steps", "framework", "source", "launch stats")
+  keep = {pt for pt in per_line if not any(
+      threads.get(pt, "").lower().startswith(d) for d in derived)}
+  by_name, by_kind = collections.Counter(), collections.Counter()
+  for e in events:
+    if (e.get("ph") == "X" and (e["pid"], e.get("tid")) in keep
+        and (device or _cpu_kernel(e["name"]))):
+      ms = e.get("dur", 0) / 1e3 / steps
+      by_name[e["name"]] += ms
+      by_kind[kernel_kind(e["name"])] += ms
+  whole = sum(by_kind.values()) or 1.0
+  out = [f"kernel time {whole:.2f} ms per step"]
+  out += [f"  {k:<28} {ms:8.2f} ms  {100 * ms / whole:5.1f}%" for k, ms in by_kind.most_common()]
+  out.append(f"top {top} kernels:")
+  out += [f"  {ms:8.3f} ms {100 * ms / whole:5.1f}%  {n[:110]}"
+          for n, ms in by_name.most_common(top)]
+  out.append("timelines:")
+  out += ["  " + line for line in lines]
+  return "\n".join(out)

@@ -58,6 +58,12 @@ _H = flags.DEFINE_integer("sync_every", 50, "H for the amortised local SGD varia
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timing.")
 _REPS = flags.DEFINE_integer("reps", 3, "Timings per variant (the median is reported).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device (0: from the table).")
+_AMORTISED = flags.DEFINE_bool("amortised", True, "Also time H inner steps plus one outer sync.")
+_FUSED = flags.DEFINE_bool("fused_projections", False, "q|k|v and gate|up as one matmul each "
+                           "(lsgd_jax.model.ModelConfig.fused_projections).")
+_TRACE = flags.DEFINE_string("trace_dir", "", "If set, a profiler trace of 2 steps of each "
+                             "variant is written there (perfetto JSON) and its kernel time "
+                             "per step printed by kernel.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/gpu_mfu.json", "JSON output.")
 
 # Peak dense bf16 tensor FLOP/s per device, by a substring of `device.device_kind` (first match).
@@ -125,12 +131,14 @@ def _timed(fn, steps: int, reps: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def bench_size(size: str, *, attention: str = "auto", log=print, **kwargs) -> dict:
+def bench_size(size: str, *, attention: str = "auto", fused_projections: bool = False, log=print,
+               **kwargs) -> dict:
   """DDP and, for each K in `workers`, the two local SGD variants of one model size; returns a
   JSON-able dict. `log` gets one line per measured variant (progress on long runs). A fused
   attention kernel that does not build here (an old cuDNN, say) falls back to XLA's, logged."""
   cfg = model.model_config(size, vocab_size=kwargs["vocab"], max_seq_len=kwargs["seq_len"],
                            dtype=kwargs["dtype"], attention=attention)
+  cfg = dataclasses.replace(cfg, fused_projections=fused_projections)
   impl = model.attention_implementation(cfg)
   try:
     result = _bench(cfg, size, log=log, **kwargs)
@@ -148,7 +156,7 @@ def bench_size(size: str, *, attention: str = "auto", log=print, **kwargs) -> di
 
 def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
            workers: tuple[int, ...], sync_every: int, steps: int, reps: int,
-           peak: float | None, log=print) -> dict:
+           peak: float | None, amortised: bool = True, trace_dir: str = "", log=print) -> dict:
   del dtype  # in cfg
   devices = jax.devices()
   n = len(devices)
@@ -177,7 +185,17 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
     log(f"{size} {variant} K={num_workers}: {1e3 * seconds:.1f} ms/step, {tps:,.0f} tokens/s{mfu}")
     return r
 
-  result = {"size": size, "non_embedding_params": model.non_embedding_params(cfg),
+  def trace(fn, name):
+    if not trace_dir:
+      return
+    try:
+      path = common.trace_to(fn, 2, os.path.join(trace_dir, f"trace_{name}.json.gz"))
+      log(f"{name}: trace in {path}; device time per step by kernel:")
+      log(common.kernel_table(path, steps=2))
+    except Exception as e:  # pylint: disable=broad-except  (a profiler that fails costs no rows)
+      log(f"{name}: no trace ({type(e).__name__}: {str(e)[:300]})")
+
+  result = {"size": size, "fused_projections": cfg.fused_projections, "non_embedding_params": model.non_embedding_params(cfg),
             "total_params": model.total_params(cfg), "train_flops_per_token": flops_per_token,
             "rows": [], "workers": {}}
   try:
@@ -189,6 +207,7 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
     result["error"] = f"DDP out of memory at global batch {batch}: lower --batch"
     return result
   result["rows"].append(row("ddp", sec, times, n))
+  trace(runner.run, f"{size}_ddp")
   ddp = sec
   runner = None  # free the DDP state before K replicas are created
   for asked in workers:
@@ -197,9 +216,9 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
       try:
         runner = make("local_sgd", k)
         sec, times = _timed(runner.run, steps, reps)
-        # H inner steps and one sync, per step (at least one whole round per timing).
-        h_steps = max(sync_every, steps // sync_every * sync_every)
-        sec_h, times_h = _timed(lambda m: runner.run(m, sync_every), h_steps, reps)
+        if amortised:  # H inner steps and one sync, per step (at least one whole round)
+          h_steps = max(sync_every, steps // sync_every * sync_every)
+          sec_h, times_h = _timed(lambda m: runner.run(m, sync_every), h_steps, reps)
         break
       except jax.errors.JaxRuntimeError as e:
         runner = None
@@ -207,17 +226,19 @@ def _bench(cfg, size: str, *, dtype: str, seq_len: int, batch: int, vocab: int,
           raise
         k //= 2
         log(f"{size}: out of memory with K = {2 * k}; trying K = {k}")
-    runner = None  # free the K replicas before the next K
     result["rows"].append(row("local_sgd_inner", sec, times, k))
-    result["rows"].append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
-    result["workers"][str(asked)] = {"measured": k, "inner_over_ddp": sec / ddp,
-                                     "amortised_over_ddp": sec_h / ddp}
+    trace(runner.run, f"{size}_local_sgd_K{k}")
+    runner = None  # free the K replicas before the next K
+    result["workers"][str(asked)] = {"measured": k, "inner_over_ddp": sec / ddp}
+    if amortised:
+      result["rows"].append(row(f"local_sgd_amortised_H{sync_every}", sec_h, times_h, k))
+      result["workers"][str(asked)]["amortised_over_ddp"] = sec_h / ddp
   return result
 
 
 def run(sizes, *, dtype="bfloat16", seq_len=2048, batch=16, vocab=32_000, workers=(1, 8),
         sync_every=50, steps=10, reps=3, peak_tflops=0.0, attention="auto", on_size=None,
-        log=print) -> dict:
+        amortised=True, fused_projections=False, trace_dir="", log=print) -> dict:
   """Benchmarks every size; returns the JSON-able report (also what `main` writes). `on_size` is
   called with the report so far after each size (so a long run that is cut off keeps its results)."""
   dev = jax.devices()[0]
@@ -226,12 +247,15 @@ def run(sizes, *, dtype="bfloat16", seq_len=2048, batch=16, vocab=32_000, worker
             "num_devices": jax.device_count(), "peak_flops_per_device": peak,
             "jax": jax.__version__, "host": platform.node(), "dtype": dtype, "seq_len": seq_len,
             "global_batch": batch, "vocab": vocab, "steps": steps, "reps": reps,
-            "sync_every": sync_every, "xla_flags": os.environ.get("XLA_FLAGS", ""), "sizes": []}
+            "sync_every": sync_every, "amortised": amortised,
+            "fused_projections": fused_projections, "xla_flags": os.environ.get("XLA_FLAGS", ""), "sizes": []}
   for size in sizes:
     report["sizes"].append(bench_size(size, attention=attention, dtype=dtype, seq_len=seq_len,
                                       batch=batch,
                                       vocab=vocab, workers=tuple(workers), sync_every=sync_every,
-                                      steps=steps, reps=reps, peak=peak, log=log))
+                                      steps=steps, reps=reps, peak=peak, amortised=amortised,
+                                      fused_projections=fused_projections, trace_dir=trace_dir,
+                                      log=log))
     if on_size is not None:
       on_size(report)
   return report
@@ -276,8 +300,8 @@ def main(argv):
     workers = tuple(int(k) for k in _WORKERS.value)
   except ValueError:
     raise app.UsageError(f"--workers must be whole numbers, got {_WORKERS.value}") from None
-  if not workers or min(workers) < 1:
-    raise app.UsageError(f"--workers must be positive, got {_WORKERS.value}")
+  if workers and min(workers) < 1:
+    raise app.UsageError(f"--workers must be positive (or empty: DDP alone), got {_WORKERS.value}")
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
 
   def write(report):
@@ -287,7 +311,8 @@ def main(argv):
   report = run(_SIZES.value, dtype=_DTYPE.value, seq_len=_SEQ.value, batch=_BATCH.value,
                vocab=_VOCAB.value, workers=workers, sync_every=_H.value, steps=_STEPS.value,
                reps=_REPS.value, peak_tflops=_PEAK.value, attention=_ATTENTION.value,
-               on_size=write,
+               on_size=write, amortised=_AMORTISED.value, fused_projections=_FUSED.value,
+               trace_dir=_TRACE.value,
                log=lambda line: print(line, flush=True))
   print(table(report))
   print(f"\nwrote {_OUT.value}")

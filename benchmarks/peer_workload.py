@@ -36,6 +36,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8" + _TRACE).strip()
 
 import functools  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
@@ -55,15 +56,19 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Add the per-category time breakd
                              "SGD step on one device.")
 _SCANNED = flags.DEFINE_bool("scanned", True, "Also time local SGD with each round (H steps and "
                              "the sync) compiled as one program (benchmarks/common.scanned_round).")
+_CHUNKS = flags.DEFINE_list("attention_chunks", ["0"], "Query blocks of the causal attention "
+                            "(lsgd_jax.model.ModelConfig.attention_chunks; 0: auto, 4 at this "
+                            "sequence length); several values add interleaved variants.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/peer_workload.json", "JSON output.")
 
 K, H, SEQ, GLOBAL_BATCH, VOCAB, SIZE = 8, 10, 256, 16, 1024, "cpu-base"
 
 
 def main(_):
-  cfg = model.model_config(SIZE, vocab_size=VOCAB, max_seq_len=SEQ)
-  loss = functools.partial(model.loss_fn, cfg)
-  init = functools.partial(model.init_params, cfg)
+  chunk_values = [int(c) for c in _CHUNKS.value]
+  cfgs = {c: model.model_config(SIZE, vocab_size=VOCAB, max_seq_len=SEQ, attention_chunks=c)
+          for c in chunk_values}
+  cfg = cfgs[chunk_values[0]]
   tx = optim.inner_optimizer("adamw", learning_rate=1e-3, total_steps=10**6, warmup_steps=10)
   outer = optim.outer_optimizer("nesterov")
   tokens = np.random.default_rng(0).integers(0, VOCAB, (K, GLOBAL_BATCH // K, SEQ + 1))
@@ -71,24 +76,28 @@ def main(_):
   steps = max(_STEPS.value // H, 1) * H
 
   runs, memory = {}, {}
-  for devices in map(int, _DEVICES.value):
+  for devices, algorithm, chunks in itertools.product(map(int, _DEVICES.value), _ALGORITHMS.value,
+                                                      chunk_values):
     layout = mesh.make_layout(K, devices)
-    for algorithm in _ALGORITHMS.value:
-      name = f"{algorithm}, {devices} device{'s' * (devices > 1)}"
-      r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
-      compiled = r.step.lower(r.state, r.batch).compile()
-      mem = compiled.memory_analysis()
-      memory[name] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) if mem else None
-      r.run(H, H if algorithm == "local_sgd" else None)  # compile the sync, warm up one round
-      runs[name] = (r, algorithm, compiled)
-      print(f"compiled {name}", flush=True)
-      if algorithm == "local_sgd" and _SCANNED.value:
-        fresh = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
-        scanned = common.scanned_round(fresh, H)
-        scanned.run(H, H)
-        runs[f"local_sgd scanned, {devices} device{'s' * (devices > 1)}"] = (
-            scanned, algorithm, compiled)
-        memory[f"local_sgd scanned, {devices} device{'s' * (devices > 1)}"] = None
+    loss = functools.partial(model.loss_fn, cfgs[chunks])
+    init = functools.partial(model.init_params, cfgs[chunks])
+    where = f"{devices} device{'s' * (devices > 1)}" + (
+        f", {model.attention_chunks(cfgs[chunks], SEQ)} attention blocks"
+        if len(chunk_values) > 1 else "")
+    name = f"{algorithm}, {where}"
+    r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
+    compiled = r.step.lower(r.state, r.batch).compile()
+    mem = compiled.memory_analysis()
+    memory[name] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) if mem else None
+    r.run(H, H if algorithm == "local_sgd" else None)  # compile the sync, warm up one round
+    runs[name] = (r, algorithm, compiled)
+    print(f"compiled {name}", flush=True)
+    if algorithm == "local_sgd" and _SCANNED.value:
+      fresh = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
+      scanned = common.scanned_round(fresh, H)
+      scanned.run(H, H)
+      runs[f"local_sgd scanned, {where}"] = (scanned, algorithm, compiled)
+      memory[f"local_sgd scanned, {where}"] = None
 
   peak = common.matmul_peak()
   times = {name: [] for name in runs}
@@ -134,21 +143,22 @@ def main(_):
     pair = [r for r in rows if r["variant"].startswith(algorithm)]
     best = max(pair, key=lambda r: r["tokens_per_sec"])
     print(f"fastest {algorithm}: {best['variant']}")
-  lsgd = {r["variant"].split(", ")[1]: r["tokens_per_sec"] for r in rows
+  lsgd = {r["variant"].split(", ", 1)[1]: r["tokens_per_sec"] for r in rows
           if r["variant"].startswith("local_sgd,")}
-  ddp = {r["variant"].split(", ")[1]: r["tokens_per_sec"] for r in rows
+  ddp = {r["variant"].split(", ", 1)[1]: r["tokens_per_sec"] for r in rows
          if r["variant"].startswith("ddp")}
   result["local_sgd_step_over_ddp_step"] = {k: ddp[k] / lsgd[k] for k in lsgd if k in ddp}
   for k, v in result["local_sgd_step_over_ddp_step"].items():
     print(f"local SGD time per token / DDP's on {k}: {v:.3f}")
-  scanned = {r["variant"].split(", ")[1]: r["tokens_per_sec"] for r in rows
+  scanned = {r["variant"].split(", ", 1)[1]: r["tokens_per_sec"] for r in rows
              if r["variant"].startswith("local_sgd scanned,")}
   result["scanned_round_speedup"] = {k: scanned[k] / lsgd[k] for k in scanned if k in lsgd}
   for k, v in result["scanned_round_speedup"].items():
     print(f"local SGD scanned round / per-step dispatch on {k}: {v:.3f}x tokens/s")
   if _PROFILE.value:  # on one device: with more fake devices than cores, kernels are preempted
-    r = common.mesh_run(mesh.make_layout(K, 1), "local_sgd", init, loss, tx, outer,
-                        tokens.astype(np.int32))
+    r = common.mesh_run(mesh.make_layout(K, 1), "local_sgd",
+                        functools.partial(model.init_params, cfg),
+                        functools.partial(model.loss_fn, cfg), tx, outer, tokens.astype(np.int32))
     compiled = r.step.lower(r.state, r.batch).compile()
     r.run(2)
     breakdown = common.profile_breakdown(lambda n: r.run(n), compiled.as_text())

@@ -286,7 +286,9 @@ class Checkpointer:
       if mismatch:
         raise ValueError(f"checkpoint {step} in {self.directory} holds a state of another shape "
                          f"than this run builds ({mismatch}); the run's layout or code changed "
-                         "(e.g. mesh.num_devices, local_sgd.two_stage). Use a new workdir, or "
+                         "(e.g. mesh.num_devices, local_sgd.two_stage, local_sgd.shard_outer: "
+                         "runs saved before 2026-12-06 hold the outer state replicated, resume "
+                         "them with --config.local_sgd.shard_outer=False). Use a new workdir, or "
                          "the settings it was written with.")
       try:
         state = self.manager.restore(step, args=ocp.args.Composite(

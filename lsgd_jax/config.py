@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False  # share the input embedding with the output head
   c.model.max_seq_len = 2048      # longest sequence the model accepts
   c.model.attention = "auto"      # "xla", "cudnn" (fused, GPU + bfloat16) or "auto" (cudnn there)
+  c.model.attention_chunks = 0    # query blocks of XLA's causal attention (0: auto, 4 from T=256)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shakespeare"  # "shakespeare" / "kjv" (embedded, public domain), "text"
@@ -85,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_sgd.two_stage = "auto"     # outer sync on 1/|data| slices, outer state sharded over
                                      # 'data' (DESIGN.md 4): "auto" (when a worker has several
                                      # devices), True or False; same results, 1/|data| the bytes
+  c.local_sgd.shard_outer = "auto"   # outer state sharded over the workers' devices: "auto" (flat
+                                     # mesh, one device per worker group, elementwise outer
+                                     # optimizer, plain sync), True or False; 1/|worker| of its
+                                     # memory per device, the bytes of one all-reduce
   # Hierarchical local SGD (num_clusters > 1): mesh ('cluster', 'worker', 'data'); the workers of a
   # cluster sync every cluster_sync_every = H1 steps with the cluster optimizer, the clusters every
   # sync_every = H2 steps (a multiple of H1) with the outer optimizer above.
@@ -172,6 +177,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.model.attention not in model.ATTENTION:
     raise ValueError(f"Unknown model.attention {c.model.attention!r}; allowed: "
                      f"{', '.join(model.ATTENTION)}.")
+  if c.model.attention_chunks < 0:
+    raise ValueError(f"model.attention_chunks must be 0 (auto) or a positive number of query "
+                     f"blocks, got {c.model.attention_chunks}.")
   if c.data.name not in data.DATASETS:
     raise ValueError(f"Unknown dataset {c.data.name!r}; allowed: {', '.join(data.DATASETS)}.")
   if c.optim.name not in optim.INNER_OPTIMIZERS:
@@ -226,6 +234,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check_outer_layout(c, True)
   if c.algorithm == "local_sgd":
     _validate_streaming(c)
+  shard_outer(c)
   if c.algorithm == "local_sgd":  # builds the outer optimizer once to check its name and args
     optim.outer_optimizer(c.local_sgd.outer_optimizer, c.local_sgd.outer_lr,
                           c.local_sgd.outer_momentum, c.local_sgd.outer_kwargs.to_dict())
@@ -280,6 +289,28 @@ def async_save(value) -> str | bool:
 def two_stage(value) -> str | bool:
   """local_sgd.two_stage as make_layout takes it: 'auto', True or False."""
   return _auto_bool("local_sgd.two_stage", value)
+
+
+def shard_outer(c: ml_collections.ConfigDict) -> str | bool:
+  """local_sgd.shard_outer as make_layout takes it: 'auto' is narrowed to False where the sharded
+  outer state does not apply whatever the mesh (DDP, hierarchical runs, streaming syncs, outer
+  optimizers that are not elementwise); an explicit True there is refused."""
+  s = c.local_sgd
+  value = _auto_bool("local_sgd.shard_outer", s.shard_outer)
+  reason = None
+  if c.algorithm != "local_sgd":
+    reason = "DDP has no outer state"
+  elif s.num_clusters > 1:
+    reason = "the hierarchical layout (num_clusters > 1) keeps its outer state per cluster"
+  elif not streaming.Streaming.of(s).plain:
+    reason = ("streaming syncs (num_fragments, overlap_steps, eager, outer_dtype, "
+              "error_feedback) keep the replicated or two-stage outer state")
+  elif s.outer_optimizer not in optim.ELEMENTWISE_OUTER:
+    reason = (f"outer_optimizer={s.outer_optimizer!r} does not act element by element (allowed: "
+              f"{', '.join(optim.ELEMENTWISE_OUTER)})")
+  if reason and value is True:
+    raise ValueError(f"local_sgd.shard_outer=True cannot apply: {reason}; use 'auto' or False.")
+  return False if reason else value
 
 
 def check_outer_layout(c: ml_collections.ConfigDict, two_stage: bool) -> None:

@@ -18,11 +18,14 @@ is sharded over `('cluster', 'worker')` (`Layout.worker_axes`).
 Two-stage outer state (`two_stage`, default when a worker spans several devices): the global
 parameters and the outer optimizer state are stored per leaf flattened and zero-padded to a
 multiple of |data|, sharded over `'data'` (`Layout.outer`), so each device keeps 1/|data| of them.
+Sharded outer state (`shard_outer`, the trainer's default where it applies: a flat mesh whose
+device groups are single devices) stores them the same way over `'worker'`.
 
 Logical shapes (sharding in brackets):
 - per-worker state (params, inner optimizer state): [K, ...]          ('worker' on axis 0)
 - global (outer) state, plain:                       [...]            (replicated)
 - global (outer) state, two-stage:                   [n padded]       ('data')
+- global (outer) state, `shard_outer`:               [n padded]       ('worker')
 - per-cluster outer state (hierarchical):            [C, ...] / [C, n padded] ('cluster'[, 'data'])
 - DDP state:                                         [...]            (replicated)
 - a step's batch:                                    [K, B / K, T + 1] ('worker', 'data', -)
@@ -48,6 +51,18 @@ class Layout:
   mesh: Mesh
   num_workers: int
   two_stage: bool = False  # outer parameters and outer optimizer state sharded over 'data'
+  shard_outer: bool = False  # ... sharded over 'worker' instead (flat mesh, one device per worker)
+
+  @property
+  def outer_axis(self) -> str | None:
+    """The mesh axis the outer state is sharded over ('data' two-stage, 'worker' with
+    `shard_outer`), or None (replicated)."""
+    return DATA if self.two_stage else WORKER if self.shard_outer else None
+
+  @property
+  def outer_shards(self) -> int:
+    """Devices that share one copy of the outer state (each holds 1/outer_shards of it)."""
+    return self.mesh.shape[self.outer_axis] if self.outer_axis else 1
 
   @property
   def num_clusters(self) -> int:
@@ -103,7 +118,7 @@ class Layout:
   @property
   def outer(self) -> NamedSharding:
     """Sharding of a leaf of the global (outer) state with at least one dimension."""
-    return self.sharding(P(DATA) if self.two_stage else P())
+    return self.sharding(P(self.outer_axis) if self.outer_axis else P())
 
   @property
   def per_cluster(self) -> NamedSharding:
@@ -127,12 +142,16 @@ def _divisors(n: int) -> list[int]:
 
 def make_layout(num_workers: int, num_devices: int | None = None,
                 devices: list | None = None, *, num_clusters: int | None = None,
-                two_stage: bool | str = "auto") -> Layout:
+                two_stage: bool | str = "auto", shard_outer: bool | str = False) -> Layout:
   """Builds the `('worker', 'data')` mesh for `num_workers` workers.
 
   `num_clusters` (an int, 1 included) builds the hierarchical `('cluster', 'worker', 'data')` mesh
   instead: clusters outermost, so the slowest links carry only the cluster axis. `two_stage`
   ("auto": when a worker has several devices on 'data') shards the outer state over 'data'.
+  `shard_outer` ("auto": when the mesh is flat and every device group holds its own workers,
+  i.e. |data| = 1 and |worker| > 1) shards it over 'worker' instead: each device keeps
+  1/|worker| of theta and of the outer optimizer state, and the outer sync exchanges the workers'
+  slices (an all-to-all) and all-gathers the new theta, the bytes of one all-reduce.
 
   `num_devices` limits the mesh to the first devices (None: all of `jax.devices()`). Works across
   processes: `jax.devices()` is the global list after `jax.distributed.initialize()`; devices are
@@ -153,6 +172,8 @@ def make_layout(num_workers: int, num_devices: int | None = None,
     raise ValueError(f"num_workers must be at least 1, got {num_workers}.")
   if two_stage not in TWO_STAGE:
     raise ValueError(f"two_stage must be 'auto', True or False, got {two_stage!r}.")
+  if shard_outer not in TWO_STAGE:
+    raise ValueError(f"shard_outer must be 'auto', True or False, got {shard_outer!r}.")
   if num_workers <= n:
     if n % num_workers:
       raise ValueError(
@@ -186,7 +207,16 @@ def make_layout(num_workers: int, num_devices: int | None = None,
   mesh = Mesh(np.asarray(devices, dtype=object).reshape(shape), axes)
   if two_stage == "auto":
     two_stage = mesh.shape[DATA] > 1
-  return Layout(mesh=mesh, num_workers=num_workers, two_stage=bool(two_stage))
+  flat = CLUSTER not in mesh.axis_names and mesh.shape[DATA] == 1 and mesh.shape[WORKER] > 1
+  if shard_outer == "auto":
+    shard_outer = flat and not two_stage
+  elif shard_outer and not (flat and not two_stage):
+    raise ValueError(
+        f"shard_outer=True shards the outer state over 'worker' and needs a flat mesh with one "
+        f"device per device group and several groups; this mesh is {dict(mesh.shape)}"
+        f"{' with the two-stage layout' if two_stage else ''} (use shard_outer='auto' or False).")
+  return Layout(mesh=mesh, num_workers=num_workers, two_stage=bool(two_stage),
+                shard_outer=bool(shard_outer))
 
 
 def check_batch(layout: Layout, global_batch: int) -> int:
@@ -257,6 +287,8 @@ def describe(layout: Layout) -> str:
     w = local_workers(layout)
     held = f"workers {w.start}-{w.stop - 1}" if len(w) > 1 else f"worker {w.start}"
     text += f"; process {jax.process_index()} holds {held}"
+  if layout.shard_outer:
+    text += f"; outer state sharded over the {layout.outer_shards} worker devices"
   return text
 
 

@@ -77,7 +77,7 @@ def memory_report(device: str, layout: mesh_lib.Layout, priced: model.ModelConfi
                                     tokens_per_step)
   return clock_lib.memory_check(model.total_params(m), device, activations=acts,
                                 outer_state=local_sgd,
-                                outer_shards=layout.data_axis_size if layout.two_stage else 1)
+                                outer_shards=layout.outer_shards)
 
 
 def streaming_run(local_sgd_cfg: ml_collections.ConfigDict, algorithm: str) -> dict:

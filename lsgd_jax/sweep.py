@@ -194,7 +194,7 @@ def size_stats(c: ml_collections.ConfigDict) -> tuple[int, float]:
   """(non-embedding parameters, training FLOPs per token) of a training config's model."""
   mcfg = model.model_config(c.model.size, vocab_size(c.data), c.model.max_seq_len,
                             c.model.tie_embeddings, c.model.dtype,
-                            c.model.attention)
+                            c.model.attention, c.model.attention_chunks)
   return model.non_embedding_params(mcfg), model.train_flops_per_token(mcfg, c.data.seq_len)
 
 

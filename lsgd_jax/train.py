@@ -84,7 +84,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   hierarchical = c.algorithm == "local_sgd" and c.local_sgd.num_clusters > 1
   layout = mesh_lib.make_layout(c.local_sgd.num_workers, c.mesh.num_devices or None,
                                 num_clusters=c.local_sgd.num_clusters if hierarchical else None,
-                                two_stage=config_lib.two_stage(c.local_sgd.two_stage))
+                                two_stage=config_lib.two_stage(c.local_sgd.two_stage),
+                                shard_outer=config_lib.shard_outer(c))
   config_lib.check_outer_layout(c, layout.two_stage)
   per_worker = mesh_lib.check_batch(layout, c.train.global_batch)
   group = layout.num_workers * layout.data_axis_size
@@ -104,7 +105,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
       dirichlet_alpha=c.data.dirichlet_alpha))
   mcfg = model.model_config(c.model.size, dataset.vocab_size, c.model.max_seq_len,
                             c.model.tie_embeddings, c.model.dtype,
-                            c.model.attention)
+                            c.model.attention, c.model.attention_chunks)
   skip = c.train.on_nonfinite == "skip"
   tx, outer_tx, cluster_tx = _optimizers(c.optim, c.local_sgd, c.algorithm, c.train.steps,
                                          hierarchical, skip)

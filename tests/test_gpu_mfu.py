@@ -43,7 +43,8 @@ def test_cpu_smoke_run_writes_json_and_table(tmp_path):
   env = xla_env(2)
   cmd = [sys.executable, "-m", "benchmarks.gpu_mfu", "--sizes=cpu-tiny", "--dtype=float32",
          "--seq_len=32", "--batch=16", "--vocab=256", "--workers=4", "--sync_every=2",
-         "--steps=2", "--reps=1", "--peak_tflops=1", f"--out={out}"]
+         "--steps=2", "--reps=1", "--peak_tflops=1", f"--out={out}", "--fused_projections",
+         f"--trace_dir={tmp_path}"]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -58,3 +59,32 @@ def test_cpu_smoke_run_writes_json_and_table(tmp_path):
     assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
   assert "| cpu-tiny | local_sgd_inner | 4 |" in res.stdout
   assert "cpu-tiny ddp K=2:" in res.stdout  # progress line per variant
+  assert size["fused_projections"] and report["fused_projections"]
+  for name in ("cpu-tiny_ddp", "cpu-tiny_local_sgd_K4"):  # a trace and its kernel table each
+    assert (tmp_path / f"trace_{name}.json.gz").exists()
+    assert f"{name}: trace in" in res.stdout
+  assert res.stdout.count("kernel time") == 2
+
+
+def test_ddp_alone_without_amortised_rows():
+  report = gpu_mfu.run(["cpu-micro"], dtype="float32", seq_len=16, batch=8, vocab=64, workers=(),
+                       steps=1, reps=1, amortised=False, log=lambda line: None)
+  (size,) = report["sizes"]
+  assert [r["variant"] for r in size["rows"]] == ["ddp"] and size["workers"] == {}
+  assert not report["amortised"] and "| cpu-micro | ddp |" in gpu_mfu.table(report)
+
+
+def test_kernel_table_of_a_trace(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import common
+  f = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+  a = jnp.ones((64, 64))
+  f(a).block_until_ready()
+  path = common.trace_to(lambda n: [f(a).block_until_ready() for _ in range(n)], 2,
+                         str(tmp_path / "t" / "trace.json.gz"))
+  text = common.kernel_table(path, steps=2)
+  assert text.startswith("kernel time") and "top 25 kernels:" in text and "timelines:" in text
+  assert common.kernel_kind("sm90_xmma_gemm_bf16") == "matmul"
+  assert common.kernel_kind("cudnn_generated_fort_native_sdpa") == "attention"
+  assert common.kernel_kind("loop_multiply_fusion") == "elementwise / other fusions"

@@ -86,3 +86,49 @@ def test_bad_model_inputs():
   params = model.init_params(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match=r"Sequence length 9 exceeds the model's max_seq_len 8"):
     model.apply(cfg, params, jnp.zeros((1, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("t, chunks", [(16, 4), (15, 4), (12, 5)])
+def test_block_causal_attention_equals_jax_attention(t, chunks):
+  """The query blocks only skip scores that the causal mask zeroes: the same outputs and
+  gradients as jax.nn.dot_product_attention's XLA path (blocks that do not divide T included)."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, t, 2, 8)) for i in range(3))
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                     implementation="xla")
+  blocks = lambda q, k, v: model.causal_attention(q, k, v, chunks)
+  np.testing.assert_allclose(jax.jit(blocks)(q, k, v), ref(q, k, v), rtol=0, atol=1e-6)
+  grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(
+      q, k, v)
+  for a, b in zip(grad(blocks), grad(ref)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_attention_chunks_auto_rule_and_model_equivalence():
+  cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=512)
+  assert [model.attention_chunks(cfg, t) for t in (64, 255, 256, 512)] == [1, 1, 4, 4]
+  two = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=512, attention_chunks=2)
+  assert model.attention_chunks(two, 64) == 2 and model.attention_chunks(two, 1) == 1
+  params = model.init_params(cfg, jax.random.key(0))
+  batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 40)
+  loss = lambda c: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(c, p, batch)))(params)
+  (l1, g1), (l2, g2) = loss(cfg), loss(two)  # T = 16: auto is 1 block, `two` is 2
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match=r"attention_chunks must be 0 \(auto\).*got -1"):
+    model.model_config("cpu-tiny", vocab_size=40, attention_chunks=-1)
+
+
+def test_fused_projections_keep_the_parameters_and_the_function():
+  import dataclasses
+  cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=16)
+  fused = dataclasses.replace(cfg, fused_projections=True)
+  params = model.init_params(cfg, jax.random.key(0))
+  assert jax.tree.structure(params) == jax.tree.structure(model.init_params(fused,
+                                                                            jax.random.key(0)))
+  batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 40)
+  loss = lambda c: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(c, p, batch)))(params)
+  (l1, g1), (l2, g2) = loss(cfg), loss(fused)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -32,3 +32,8 @@ def test_kernel_categories():
              ).startswith("copies")
   assert cat("add_bitcast_fusion", "jit(train_step)/vmap(jvp())/add").startswith("other")
   assert cat("copy_divide_fusion", "jit(train_step)/vmap(jvp(vmap()))/div").startswith("attention")
+  # the block-causal attention (lsgd_jax.model.causal_attention) is named by its scope
+  assert cat("ynn_fusion.2", "jit(train_step)/vmap(jvp(causal_attention))/bqnh,bknh->bnqk/"
+             "dot_general").startswith("attention")
+  assert cat("exp_fusion", "jit(train_step)/vmap(transpose(jvp(causal_attention)))/exp"
+             ).startswith("attention")

@@ -79,6 +79,13 @@ def test_ddp_moves_h_times_the_bytes_of_local_sgd(tiny_run, tmp_path):
                                   r"devices = 8 x 1 = 8"),
     ({"model__size": "3M"}, r"Unknown model size '3M'; allowed: "),
     ({"model__attention": "flash"}, r"Unknown model.attention 'flash'; allowed: auto, xla, cudnn"),
+    ({"model__attention_chunks": -2}, r"model.attention_chunks must be 0 \(auto\).*got -2"),
+    ({"local_sgd__shard_outer": "maybe"},
+     r"local_sgd.shard_outer must be 'auto', True or False, got 'maybe'"),
+    ({"local_sgd__shard_outer": "True", "local_sgd__outer_optimizer": "lamb"},
+     r"local_sgd.shard_outer=True cannot apply: outer_optimizer='lamb' does not act element"),
+    ({"local_sgd__shard_outer": "true", "local_sgd__num_workers": 4},
+     r"shard_outer=True shards the outer state over 'worker' and needs a flat mesh"),
     ({"optim__name": "adagrad"}, r"Unknown inner optimizer 'adagrad'; allowed: adamw, sgd"),
     ({"local_sgd__outer_optimizer": "nesterow"}, r"Unknown outer optimizer 'nesterow'"),
     ({"data__seq_len": 512}, r"data.seq_len=512 must be in \[1, model.max_seq_len=256\]"),
@@ -87,6 +94,13 @@ def test_ddp_moves_h_times_the_bytes_of_local_sgd(tiny_run, tmp_path):
 def test_bad_config_values_raise_clear_errors(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     train.build(_tiny(**overrides))
+
+
+def test_outer_state_is_sharded_over_the_workers_where_it_applies():
+  assert train.build(_tiny()).layout.shard_outer  # 8 workers, 8 devices: 1/8 each
+  assert not train.build(_tiny(local_sgd__shard_outer="False")).layout.shard_outer
+  assert not train.build(_tiny(local_sgd__outer_optimizer="lamb")).layout.shard_outer
+  assert not train.build(_tiny(local_sgd__num_fragments=2)).layout.shard_outer  # streaming
 
 
 def test_unknown_algorithm_is_rejected():

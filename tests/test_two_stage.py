@@ -129,3 +129,68 @@ def test_two_stage_layout_choice_and_errors():
   assert not mesh.make_layout(2, two_stage=False).two_stage
   with pytest.raises(ValueError, match=r"two_stage must be 'auto', True or False, got 'yes'"):
     mesh.make_layout(2, two_stage="yes")
+
+
+# --- The outer state sharded over 'worker' (Layout.shard_outer): flat mesh, one device per
+# device group; the sync exchanges the workers' slices (all-to-all) and all-gathers theta.
+
+
+@pytest.mark.parametrize("devices", [8, 2])
+def test_sharded_outer_state_equals_replicated_sync(devices):
+  """8 workers on 8 devices and on 2 (4 per device): Nesterov, a failed worker and
+  step-weighted rounds, the exact cosine; same parameters, states and diagnostics as the
+  replicated outer state, up to float reassociation in the mean."""
+  outer = optim.outer_optimizer("nesterov")
+  weights = [np.ones(8, np.float32), np.array([1, 1, 0, 1, 1, 1, 1, 1], np.float32),
+             np.arange(1, 9, dtype=np.float32)]
+  plain_layout = mesh.make_layout(8, num_devices=devices)
+  sharded_layout = mesh.make_layout(8, num_devices=devices, shard_outer="auto")
+  assert sharded_layout.shard_outer and not plain_layout.shard_outer
+  assert sharded_layout.outer_axis == "worker" and sharded_layout.outer_shards == devices
+  plain, d_plain = _run(plain_layout, outer, weights=weights, exact_cosine=True)
+  sharded, d_sharded = _run(sharded_layout, outer, weights=weights, exact_cosine=True)
+  assert all(x.ndim == 1 and x.sharding.spec == jax.sharding.PartitionSpec("worker")
+             for x in jax.tree.leaves(sharded.outer_params))
+  _close(local_sgd.global_params(sharded), plain.outer_params)
+  _close(sharded.params, plain.params)
+  _close(sharded.opt_state, plain.opt_state)
+  for a, b in zip(d_plain, d_sharded):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  assert d_sharded[1]["contributing_workers"] == 7
+
+
+def test_sharded_outer_state_moves_an_allreduce_and_keeps_one_slice_per_device():
+  outer = optim.outer_optimizer("nesterov")
+  measured = {}
+  for shard in (False, True):
+    layout = mesh.make_layout(8, shard_outer=shard)
+    state = local_sgd.init_state(layout, "local_sgd", INIT, TX, outer, jax.random.key(0))
+    n_bytes = 4 * mesh.global_size(jax.tree.map(lambda x: x[0], state.params))
+    pad = 4 * len(jax.tree.leaves(state.params)) * 7
+    colls = comm.collectives(local_sgd.make_outer_sync(layout, outer).lower(state).compile(),
+                             layout.mesh)
+    wire = sum(c.wire_bytes for c in colls if "worker" in c.axes)
+    outer_bytes = _shard_bytes(state.outer_params) + _shard_bytes(state.outer_opt_state)
+    measured[shard] = wire
+    if shard:  # an all-to-all of the workers' slices and an all-gather of theta
+      assert {c.op for c in colls if c.payload_bytes > 1024} == {"all-to-all", "all-gather"}
+      assert 2 * n_bytes / 8 <= outer_bytes <= 2 * (n_bytes + pad) / 8
+    else:
+      assert outer_bytes == 2 * n_bytes
+  # the same bytes on the wire as the ring all-reduce (2 (R - 1) / R N), within the padding
+  assert measured[True] == pytest.approx(measured[False], rel=0.01)
+
+
+def test_shard_outer_choice_and_errors():
+  assert mesh.make_layout(8, shard_outer="auto").shard_outer
+  assert mesh.make_layout(16, shard_outer="auto").shard_outer  # 2 workers per device
+  assert not mesh.make_layout(4, shard_outer="auto").shard_outer  # two-stage over 'data'
+  assert not mesh.make_layout(8, num_devices=1, shard_outer="auto").shard_outer  # one device
+  assert not mesh.make_layout(8, num_clusters=2, shard_outer="auto").shard_outer
+  assert not mesh.make_layout(8).shard_outer  # the library default: replicated
+  with pytest.raises(ValueError, match=r"shard_outer=True .* needs a flat mesh.*'data': 2"):
+    mesh.make_layout(4, shard_outer=True)
+  with pytest.raises(ValueError, match=r"shard_outer must be 'auto', True or False, got 'yes'"):
+    mesh.make_layout(8, shard_outer="yes")
