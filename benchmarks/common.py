@@ -165,9 +165,9 @@ def _cpu_kernel(name: str) -> bool:  # not a Python frame or a runtime wrapper
 def kernel_table(path: str, steps: int = 1, top: int = 25) -> str:
   """Device time per step from a perfetto trace (`trace_to`): by kind of kernel (matmul,
   attention, copies, reductions, other fusions), then the `top` kernels by name, then the time
-  on each of the device's timelines (streams; derived lines such as 'XLA Ops' repeat the kernels,
-  so only the busiest stream line is counted in the tables). On a CPU trace (no device process)
-  the XLA threads' events are used instead."""
+  on each of the device's timelines (streams; the derived lines 'XLA Ops', 'XLA Modules', 'Steps'
+  and the like repeat the kernels and are left out of the tables, every other line is summed). On
+  a CPU trace (no device process) the XLA threads' events are used instead."""
   with gzip.open(path) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace

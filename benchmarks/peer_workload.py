@@ -81,9 +81,8 @@ def main(_):
     layout = mesh.make_layout(K, devices)
     loss = functools.partial(model.loss_fn, cfgs[chunks])
     init = functools.partial(model.init_params, cfgs[chunks])
-    where = f"{devices} device{'s' * (devices > 1)}" + (
-        f", {model.attention_chunks(cfgs[chunks], SEQ)} attention blocks"
-        if len(chunk_values) > 1 else "")
+    where = f"{devices} device{'s' * (devices > 1)}" + (  # named by the flag's value (0: auto)
+        f", {chunks or 'auto'} attention blocks" if len(chunk_values) > 1 else "")
     name = f"{algorithm}, {where}"
     r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
     compiled = r.step.lower(r.state, r.batch).compile()

@@ -87,9 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
                                      # 'data' (DESIGN.md 4): "auto" (when a worker has several
                                      # devices), True or False; same results, 1/|data| the bytes
   c.local_sgd.shard_outer = "auto"   # outer state sharded over the workers' devices: "auto" (flat
-                                     # mesh, one device per worker group, elementwise outer
-                                     # optimizer, plain sync), True or False; 1/|worker| of its
-                                     # memory per device, the bytes of one all-reduce
+                                     # mesh, one worker per device, elementwise outer optimizer,
+                                     # plain sync), True or False; 1/|worker| of its memory per
+                                     # device, the bytes of one all-reduce
   # Hierarchical local SGD (num_clusters > 1): mesh ('cluster', 'worker', 'data'); the workers of a
   # cluster sync every cluster_sync_every = H1 steps with the cluster optimizer, the clusters every
   # sync_every = H2 steps (a multiple of H1) with the outer optimizer above.
@@ -299,8 +299,8 @@ def shard_outer(c: ml_collections.ConfigDict) -> str | bool:
   value = _auto_bool("local_sgd.shard_outer", s.shard_outer)
   reason = None
   if c.algorithm != "local_sgd":
-    reason = "DDP has no outer state"
-  elif s.num_clusters > 1:
+    return False  # DDP has no outer state (the comparison binary runs it with the same config)
+  if s.num_clusters > 1:
     reason = "the hierarchical layout (num_clusters > 1) keeps its outer state per cluster"
   elif not streaming.Streaming.of(s).plain:
     reason = ("streaming syncs (num_fragments, overlap_steps, eager, outer_dtype, "

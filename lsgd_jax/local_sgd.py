@@ -56,7 +56,8 @@ class TrainState(NamedTuple):
   params:            local SGD: the workers' parameters [K, ...]; DDP: the one replica [...].
   opt_state:         inner optimizer state, laid out like `params` (never averaged).
   outer_params:      local SGD: the global parameters theta (replicated; two-stage: each leaf
-                     flattened, zero-padded to a multiple of |data| and sharded over 'data');
+                     flattened, zero-padded to a multiple of |data| and sharded over 'data';
+                     `shard_outer`: the same over 'worker');
                      DDP: (). `global_params(state)` gives the model in its normal shapes.
   outer_opt_state:   local SGD: the outer optimizer state, e.g. Nesterov momentum, laid out like
                      `outer_params`; DDP: ().
@@ -449,8 +450,12 @@ def make_outer_sync(layout: Layout, outer_tx: optax.GradientTransformation,
   Plain layout: the parameters cross 'worker' once in one all-reduce. Two-stage layout
   (DESIGN.md section 4): each device averages only its 1/|data| slice over 'worker' (cross-worker
   bytes per device N / |data|), applies the outer optimizer to the slice it keeps, and all-gathers
-  the new theta over 'data'. Either way the diagnostics add a handful of scalars.
-  `exact_cosine=True` adds a second parameter-sized (or slice-sized) all-reduce for the exact mean
+  the new theta over 'data'. Sharded outer state (`Layout.shard_outer`): each device receives
+  slice j of every worker in an all-to-all, updates the slice of theta it keeps and all-gathers
+  theta over 'worker' (with one worker per device, the bytes of the plain all-reduce). Either way
+  the diagnostics add a handful of scalars.
+  `exact_cosine=True` adds a second parameter-sized (or slice-sized; with `shard_outer` only
+  scalar sums, since every device already holds all workers' slices) all-reduce for the exact mean
   pairwise cosine of the workers' deltas d_k = theta - theta_k; by default `delta_cosine` is the
   weighted mean sum_{i != j} w_i w_j <d_i, d_j> / sum_{i != j} w_i w_j |d_i| |d_j|, which needs
   scalars only and equals the plain mean when the deltas have equal norms and weights.

@@ -18,8 +18,8 @@ is sharded over `('cluster', 'worker')` (`Layout.worker_axes`).
 Two-stage outer state (`two_stage`, default when a worker spans several devices): the global
 parameters and the outer optimizer state are stored per leaf flattened and zero-padded to a
 multiple of |data|, sharded over `'data'` (`Layout.outer`), so each device keeps 1/|data| of them.
-Sharded outer state (`shard_outer`, the trainer's default where it applies: a flat mesh whose
-device groups are single devices) stores them the same way over `'worker'`.
+Sharded outer state (`shard_outer`, the trainer's default where it applies: a flat mesh with one
+worker per device) stores them the same way over `'worker'`.
 
 Logical shapes (sharding in brackets):
 - per-worker state (params, inner optimizer state): [K, ...]          ('worker' on axis 0)
@@ -148,10 +148,12 @@ def make_layout(num_workers: int, num_devices: int | None = None,
   `num_clusters` (an int, 1 included) builds the hierarchical `('cluster', 'worker', 'data')` mesh
   instead: clusters outermost, so the slowest links carry only the cluster axis. `two_stage`
   ("auto": when a worker has several devices on 'data') shards the outer state over 'data'.
-  `shard_outer` ("auto": when the mesh is flat and every device group holds its own workers,
-  i.e. |data| = 1 and |worker| > 1) shards it over 'worker' instead: each device keeps
-  1/|worker| of theta and of the outer optimizer state, and the outer sync exchanges the workers'
-  slices (an all-to-all) and all-gathers the new theta, the bytes of one all-reduce.
+  `shard_outer` ("auto": when the mesh is flat with one worker per device, |data| = 1 and
+  |worker| = K > 1) shards it over 'worker' instead: each device keeps 1/|worker| of theta and of
+  the outer optimizer state, and the outer sync exchanges the workers' slices (an all-to-all) and
+  all-gathers the new theta, the bytes of one all-reduce. True also allows several workers per
+  device; the all-to-all then carries each of a device's K / |worker| workers' slices, that many
+  times the bytes of the all-reduce that sums them locally first (so "auto" leaves it off there).
 
   `num_devices` limits the mesh to the first devices (None: all of `jax.devices()`). Works across
   processes: `jax.devices()` is the global list after `jax.distributed.initialize()`; devices are
@@ -209,7 +211,7 @@ def make_layout(num_workers: int, num_devices: int | None = None,
     two_stage = mesh.shape[DATA] > 1
   flat = CLUSTER not in mesh.axis_names and mesh.shape[DATA] == 1 and mesh.shape[WORKER] > 1
   if shard_outer == "auto":
-    shard_outer = flat and not two_stage
+    shard_outer = flat and not two_stage and num_workers == mesh.shape[WORKER]
   elif shard_outer and not (flat and not two_stage):
     raise ValueError(
         f"shard_outer=True shards the outer state over 'worker' and needs a flat mesh with one "

@@ -131,6 +131,10 @@ def check_layout(layout: Layout, cfg: Streaming) -> None:
     raise ValueError("Streaming fragments, overlap, eager updates and a quantized outer wire are "
                      "not supported in the hierarchical layout (num_clusters > 1); use the flat "
                      "layout.")
+  if layout.shard_outer:
+    raise ValueError("Streaming fragments, overlap, eager updates and a quantized outer wire keep "
+                     "the outer state replicated or two-stage; set local_sgd.shard_outer=False "
+                     "(make_layout(..., shard_outer=False)).")
   if layout.two_stage and (cfg.eager or cfg.quantized):
     raise ValueError("Eager updates and a quantized outer wire need the flat layout; set "
                      "local_sgd.two_stage=False (the two-stage layout supports fragments and "

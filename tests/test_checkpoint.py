@@ -105,6 +105,9 @@ def test_keys_added_to_the_schema_since_a_save_pass_at_their_default():
   assert checkpoint.check_compatible(saved, _config()) == []
   with pytest.raises(ValueError, match=r"model.attention: '<absent>' -> 'xla'"):
     checkpoint.check_compatible(saved, _config(model__attention="xla"))
+  # the attention's query blocks change neither the state nor the function: a safe change
+  assert checkpoint.check_compatible(saved, _config(model__attention_chunks=4)) == [
+      "model.attention_chunks: 0 -> 4"]
 
 
 def test_safe_config_change_is_reported(tmp_path, capsys):

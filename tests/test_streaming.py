@@ -298,6 +298,10 @@ def test_layouts_that_do_not_support_it_refuse_in_one_line():
   two = mesh.make_layout(4, two_stage=True)
   with pytest.raises(ValueError, match="two_stage=False"):
     streaming.check_layout(two, streaming.Streaming(outer_dtype="int8"))
+  sharded = mesh.make_layout(8, shard_outer=True)
+  with pytest.raises(ValueError, match="shard_outer=False"):
+    streaming.check_layout(sharded, streaming.Streaming(num_fragments=2))
+  streaming.check_layout(sharded, streaming.Streaming())  # the plain sync: allowed
 
 
 def test_two_stage_layout_fragments_equal_the_flat_layout(layout):

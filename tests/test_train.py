@@ -101,6 +101,9 @@ def test_outer_state_is_sharded_over_the_workers_where_it_applies():
   assert not train.build(_tiny(local_sgd__shard_outer="False")).layout.shard_outer
   assert not train.build(_tiny(local_sgd__outer_optimizer="lamb")).layout.shard_outer
   assert not train.build(_tiny(local_sgd__num_fragments=2)).layout.shard_outer  # streaming
+  ddp = _tiny(local_sgd__shard_outer="True")  # the comparison binary runs DDP on the same config
+  ddp.algorithm = "ddp"
+  assert not train.build(ddp).layout.shard_outer
 
 
 def test_unknown_algorithm_is_rejected():
