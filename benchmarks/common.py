@@ -116,12 +116,7 @@ def profile_breakdown(run, compiled_text: str, steps: int = 3) -> list[dict]:
   meta = {m.group(1): m.group(2) for m in re.finditer(
       r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled_text, re.M)}
   with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      run(steps)
-    path = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-    with gzip.open(path) as f:
-      trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = trace_events(trace_to(run, steps, os.path.join(d, "trace.json.gz")))
   totals = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and e["name"] in meta:
@@ -142,8 +137,15 @@ def trace_to(fn: Callable[[int], Any], steps: int, dest: str) -> str:
   return dest
 
 
+def trace_events(path: str) -> list[dict]:
+  """The events of a perfetto JSON trace (`trace_to`)."""
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
 _KERNEL_KINDS = (  # (kind, substrings of a GPU kernel's name), first match wins
-    ("attention", ("cudnn", "flash", "fmha", "sdpa", "attn")),
+    ("attention", ("flash", "fmha", "sdpa", "attn")),  # not "cudnn": its GEMM fusions too
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "matmul", "dot")),
     ("copy", ("memcpy", "memset", "copy", "transpose")),
     ("reduction", ("reduce", "reduction")),
@@ -168,9 +170,7 @@ def kernel_table(path: str, steps: int = 1, top: int = 25) -> str:
   on each of the device's timelines (streams; the derived lines 'XLA Ops', 'XLA Modules', 'Steps'
   and the like repeat the kernels and are left out of the tables, every other line is summed). On
   a CPU trace (no device process) the XLA threads' events are used instead."""
-  with gzip.open(path) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  events = trace_events(path)
   procs, threads = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -178,21 +178,18 @@ def kernel_table(path: str, steps: int = 1, top: int = 25) -> str:
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       threads[(e["pid"], e["tid"])] = e["args"]["name"]
   device = {p for p, n in procs.items() if "/device:" in n}
+  kernels = [e for e in events if e.get("ph") == "X" and (
+      e["pid"] in device if device else _cpu_kernel(e["name"]))]
+  line = lambda e: (e["pid"], e.get("tid"))
   per_line = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and (e["pid"] in device if device else _cpu_kernel(e["name"])):
-      per_line[(e["pid"], e.get("tid"))] += e.get("dur", 0) / 1e3 / steps
+  for e in kernels:
+    per_line[line(e)] += e.get("dur", 0) / 1e3 / steps
   lines = [f"{procs.get(p, p)} / {threads.get((p, t), t)}: {ms:.2f} ms" for (p, t), ms in
            per_line.most_common(12)]
-  # Kernel lines: stream lines of the device (not the derived 'XLA Ops' / 'XLA Modules' / 'Steps'
-  # lines); on a CPU every non-python thread.
   derived = ("xla ops", "xla modules", "steps", "framework", "source", "launch stats")
-  keep = {pt for pt in per_line if not any(
-      threads.get(pt, "").lower().startswith(d) for d in derived)}
   by_name, by_kind = collections.Counter(), collections.Counter()
-  for e in events:
-    if (e.get("ph") == "X" and (e["pid"], e.get("tid")) in keep
-        and (device or _cpu_kernel(e["name"]))):
+  for e in kernels:
+    if not threads.get(line(e), "").lower().startswith(derived):
       ms = e.get("dur", 0) / 1e3 / steps
       by_name[e["name"]] += ms
       by_kind[kernel_kind(e["name"])] += ms

@@ -20,7 +20,10 @@ the float32 matmul peak measured in the same process (a 2048^3 `jnp.dot` on one 
 Because other processes may share the cores, tokens per CPU-second of this process x the core
 count is printed beside wall-clock tokens/s: it is what the variant would reach owning every core
 (spinning pool threads count as work, so it errs low), and it is steadier under load.
-Peak RSS is the process's (all variants). `--profile` adds where one step's time goes (a
+Peak RSS is the process's (all variants); minor page faults per step are the process's during
+each variant's timed steps (fresh pages XLA's per-call buffers fault in; an allocator preloaded
+with LD_PRELOAD changes them, docs/benchmarks.md). `--size` / `--seq_len` run the same workload
+at another model or sequence length (e.g. the attention block rule's measurements). `--profile` adds where one step's time goes (a
 jax.profiler trace of the local SGD step on one device, whose kernels are not preempted by other
 devices' threads, grouped into matmuls, attention, optimizer, copies and other elementwise work).
 Writes JSON (`--out`).
@@ -59,20 +62,23 @@ _SCANNED = flags.DEFINE_bool("scanned", True, "Also time local SGD with each rou
 _CHUNKS = flags.DEFINE_list("attention_chunks", ["0"], "Query blocks of the causal attention "
                             "(lsgd_jax.model.ModelConfig.attention_chunks; 0: auto, 4 at this "
                             "sequence length); several values add interleaved variants.")
+_SIZE = flags.DEFINE_string("size", "cpu-base", "Model preset (the workload's: cpu-base).")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (the workload's: 256).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/peer_workload.json", "JSON output.")
 
-K, H, SEQ, GLOBAL_BATCH, VOCAB, SIZE = 8, 10, 256, 16, 1024, "cpu-base"
+K, H, GLOBAL_BATCH, VOCAB = 8, 10, 16, 1024
 
 
 def main(_):
+  size, seq = _SIZE.value, _SEQ.value
   chunk_values = [int(c) for c in _CHUNKS.value]
-  cfgs = {c: model.model_config(SIZE, vocab_size=VOCAB, max_seq_len=SEQ, attention_chunks=c)
+  cfgs = {c: model.model_config(size, vocab_size=VOCAB, max_seq_len=seq, attention_chunks=c)
           for c in chunk_values}
   cfg = cfgs[chunk_values[0]]
   tx = optim.inner_optimizer("adamw", learning_rate=1e-3, total_steps=10**6, warmup_steps=10)
   outer = optim.outer_optimizer("nesterov")
-  tokens = np.random.default_rng(0).integers(0, VOCAB, (K, GLOBAL_BATCH // K, SEQ + 1))
-  tokens_per_step = GLOBAL_BATCH * SEQ
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (K, GLOBAL_BATCH // K, seq + 1))
+  tokens_per_step = GLOBAL_BATCH * seq
   steps = max(_STEPS.value // H, 1) * H
 
   runs, memory = {}, {}
@@ -101,12 +107,15 @@ def main(_):
   peak = common.matmul_peak()
   times = {name: [] for name in runs}
   cpu_times = {name: [] for name in runs}
+  faults = {name: [] for name in runs}  # minor page faults per step (the process's, all threads)
   for _ in range(_REPS.value):
     for name, (r, algorithm, _) in runs.items():
       t0, c0 = time.perf_counter(), time.process_time()
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       r.run(steps, H if algorithm == "local_sgd" else None)
       times[name].append(time.perf_counter() - t0)
       cpu_times[name].append(time.process_time() - c0)
+      faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
   peak = float(np.median([peak, common.matmul_peak()]))  # before and after: the load may change
   n_mm = common.matmul_params(cfg)
   cpus = os.cpu_count() or 1
@@ -117,22 +126,23 @@ def main(_):
     rows.append({"variant": name, "tokens_per_sec": tps, "tokens_per_cpu_share": cpu_tps,
                  "tokens_per_sec_all": [steps * tokens_per_step / t for t in ts],
                  "model_gflops": 6 * n_mm * tps / 1e9, "share_of_peak": 6 * n_mm * tps / peak,
-                 "planned_bytes": memory[name]})
+                 "planned_bytes": memory[name],
+                 "minor_faults_per_step": float(np.median(faults[name]))})
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-  print(f"\n{SIZE}: K={K}, H={H}, seq {SEQ}, {tokens_per_step} tokens/step, N_matmul {n_mm:,}; "
+  print(f"\n{size}: K={K}, H={H}, seq {seq}, {tokens_per_step} tokens/step, N_matmul {n_mm:,}; "
         f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; median of {_REPS.value} x {steps} steps; "
         f"peak RSS {rss / 2**30:.2f} GiB\n")
   print(f"| {'variant':26s} | tokens/s | tokens/CPU-s x {cpus} | model GFLOP/s | % of peak | "
-        "planned GiB |")
+        "planned GiB | page faults/step |")
   print(f"|{'-' * 28}|----------|{'-' * (18 + len(str(cpus)))}|---------------|-----------|"
-        "-------------|")
+        "-------------|------------------|")
   for r in rows:
     gib = f"{r['planned_bytes'] / 2**30:11.2f}" if r["planned_bytes"] else f"{'-':>11s}"
     print(f"| {r['variant']:26s} | {r['tokens_per_sec']:8.0f} | "
           f"{r['tokens_per_cpu_share']:{16 + len(str(cpus))}.0f} | {r['model_gflops']:13.1f} | "
-          f"{100 * r['share_of_peak']:8.1f}% | {gib} |")
-  result = {"config": {"size": SIZE, "workers": K, "sync_every": H, "seq_len": SEQ,
+          f"{100 * r['share_of_peak']:8.1f}% | {gib} | {r['minor_faults_per_step']:16,.0f} |")
+  result = {"config": {"size": size, "workers": K, "sync_every": H, "seq_len": seq,
                        "global_batch": GLOBAL_BATCH, "vocab": VOCAB, "steps": steps,
                        "reps": _REPS.value, "cpus": os.cpu_count(),
                        "xla_flags": os.environ.get("XLA_FLAGS", "")},

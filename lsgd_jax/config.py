@@ -297,9 +297,9 @@ def shard_outer(c: ml_collections.ConfigDict) -> str | bool:
   optimizers that are not elementwise); an explicit True there is refused."""
   s = c.local_sgd
   value = _auto_bool("local_sgd.shard_outer", s.shard_outer)
-  reason = None
   if c.algorithm != "local_sgd":
     return False  # DDP has no outer state (the comparison binary runs it with the same config)
+  reason = None
   if s.num_clusters > 1:
     reason = "the hierarchical layout (num_clusters > 1) keeps its outer state per cluster"
   elif not streaming.Streaming.of(s).plain:

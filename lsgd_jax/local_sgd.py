@@ -16,11 +16,12 @@ One code path (DESIGN.md section 3, STYLE.md habit 3 "wrap, don't fork"):
   replica, so each averages only its 1/|data| slice over `'worker'`, updates the slice of theta and
   of the outer optimizer state it keeps (sharded over `'data'`), then all-gathers theta over
   `'data'`. Same result as the plain sync for elementwise outer optimizers.
-- Sharded outer state (`Layout.shard_outer`, flat mesh of single-device groups): the same over
-  `'worker'`: each device keeps 1/|worker| of theta and of the outer optimizer state; at a sync
-  the devices exchange their workers' slices (an all-to-all: device j receives every worker's
-  slice j), update the slice they keep, and all-gather theta. The bytes of one all-reduce; the
-  same result as the replicated sync up to the order of the float additions of the mean.
+- Sharded outer state (`Layout.shard_outer`, flat mesh, by default only with one worker per
+  device): the same over `'worker'`: each device keeps 1/|worker| of theta and of the outer
+  optimizer state; at a sync the devices exchange their workers' slices (an all-to-all: device j
+  receives every worker's slice j), update the slice they keep, and all-gather theta. With one
+  worker per device the bytes of one all-reduce; the same result as the replicated sync up to
+  the order of the float additions of the mean.
 - Hierarchical (mesh `('cluster', 'worker', 'data')`): `make_cluster_sync` is the outer sync
   inside every cluster (every H1 steps, per-cluster theta_c and optimizer); `make_outer_sync` is
   then the global step over the clusters' theta_c (every H2 steps, after a cluster sync).
@@ -334,7 +335,8 @@ def _outer_round(theta, outer_state, workers, weights, *, outer_tx, reduce_axes,
 
   theta, outer_state: this device's part of the global state (all of it, or its slice over
   `shard_axes`); workers: [K_local, *theta.shape] the same part of this device's replicas;
-  weights: [K_local]. The weighted mean runs over `reduce_axes`; scalar statistics are summed over
+  weights: [K_local] (`shard_outer`: [K, m] and [K], every worker's slice after the all-to-all,
+  with no `reduce_axes`). The weighted mean runs over `reduce_axes`; scalar statistics are summed over
   `shard_axes` (the slices of one vector), so every device sees whole-model norms. Returns
   (new theta part, new outer state part, diagnostics). `delta`, if given, is the weighted mean
   of the workers' pseudo-gradients as another wire computed it (streaming.py's quantized mean);
@@ -395,10 +397,8 @@ def _my_slice(layout: Layout, workers: PyTree, theta: PyTree) -> PyTree:
   communication). `shard_outer`: [K, m], slice j of every worker, in the global worker order (an
   all-to-all over 'worker' per leaf: device i sends its workers' slice j to device j).
 
-  One collective per leaf, not one for all leaves side by side: the side-by-side buffers made the
-  trainer's peak memory on 8 fake CPU devices 0.1-0.2 GiB higher (2.01-2.08 against 1.88-1.91
-  GiB, two runs each of benchmarks/trainer_memory.py), for a sync that compiles in 1.9 s instead
-  of 4.0 s (cpu-base, 39 leaves)."""
+  One collective per leaf, not one for all leaves side by side: that compiled faster but its
+  large buffers raised the trainer's peak memory on a CPU (docs/benchmarks.md)."""
   d = layout.outer_shards
 
   def take(x, t):

@@ -214,8 +214,9 @@ def make_layout(num_workers: int, num_devices: int | None = None,
     shard_outer = flat and not two_stage and num_workers == mesh.shape[WORKER]
   elif shard_outer and not (flat and not two_stage):
     raise ValueError(
-        f"shard_outer=True shards the outer state over 'worker' and needs a flat mesh with one "
-        f"device per device group and several groups; this mesh is {dict(mesh.shape)}"
+        f"shard_outer=True shards the outer state over 'worker' and needs a flat mesh (no "
+        f"clusters, 'data' of size 1) with several devices on 'worker'; this mesh is "
+        f"{dict(mesh.shape)}"
         f"{' with the two-stage layout' if two_stage else ''} (use shard_outer='auto' or False).")
   return Layout(mesh=mesh, num_workers=num_workers, two_stage=bool(two_stage),
                 shard_outer=bool(shard_outer))

@@ -85,6 +85,11 @@ def test_kernel_table_of_a_trace(tmp_path):
                          str(tmp_path / "t" / "trace.json.gz"))
   text = common.kernel_table(path, steps=2)
   assert text.startswith("kernel time") and "top 25 kernels:" in text and "timelines:" in text
+  # the kernels listed are the traced program's own (its compiled HLO names them)
+  listed = [line.split()[-1] for line in
+            text.split("top 25 kernels:")[1].split("timelines:")[0].strip().splitlines()]
+  hlo = f.lower(a).compile().as_text()
+  assert listed and any(name in hlo for name in listed), listed
   assert common.kernel_kind("sm90_xmma_gemm_bf16") == "matmul"
   assert common.kernel_kind("cudnn_generated_fort_native_sdpa") == "attention"
   assert common.kernel_kind("loop_multiply_fusion") == "elementwise / other fusions"
