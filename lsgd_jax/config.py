@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps_per_call = 0   # inner steps run as one compiled program (a loop; calls are cut at
                                # every sync, log, eval and checkpoint step): 0 = auto (10 on a
                                # CPU, 1 elsewhere), 1 = one dispatch per step
+  # The C heap maps requests of this many MiB or more afresh and returns them when freed (glibc;
+  # periodic.map_large_blocks): None (auto) = 16 on a CPU, where a sync's temporaries otherwise
+  # stay resident through the next round (issue-11 workload: peak 1.88-1.91 -> ~1.77 GiB at the
+  # same tokens/s, docs/benchmarks.md), untouched elsewhere; 0 = the C library's own; 1-32 MiB.
+  c.train.mmap_threshold_mib = ml_collections.config_dict.placeholder(int)
   c.train.eval_every = 50      # steps between held-out evaluations (0: only at the end)
   c.train.eval_batches = 4     # held-out batches per evaluation
   c.train.eval_batch = 32      # sequences per held-out batch (a multiple of num_workers x data)
@@ -205,6 +210,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not (isinstance(c.train.steps_per_call, int) and c.train.steps_per_call >= 0):
     raise ValueError(f"train.steps_per_call must be an integer >= 0 (0: auto), got "
                      f"{c.train.steps_per_call!r}.")
+  mmap_threshold_mib(c.train.mmap_threshold_mib, "cpu")
   for key in ("log_every", "eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ValueError(f"train.{key} must be non-negative, got {c.train[key]}.")
@@ -268,6 +274,18 @@ def _validate_rates(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"local_sgd.outer_kwargs={kwargs} is for optax optimizers (e.g. "
                      f"outer_optimizer='adam'); '{s.outer_optimizer}' takes none: use outer_lr "
                      "and outer_momentum.")
+
+
+def mmap_threshold_mib(value, backend: str) -> int:
+  """train.mmap_threshold_mib as periodic.map_large_blocks takes it on `backend`: None (auto) is
+  16 on a CPU and 0 (leave the C library's default) elsewhere."""
+  if value is None:
+    return 16 if backend == "cpu" else 0
+  top = periodic.MMAP_THRESHOLD_MAX_MIB
+  if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+    raise ValueError(f"train.mmap_threshold_mib={value!r}: allowed None (auto: 16 on a CPU), 0 "
+                     f"(the C library's default) or a whole number of MiB from 1 to {top}.")
+  return value
 
 
 def _auto_bool(key: str, value) -> str | bool:

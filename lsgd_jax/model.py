@@ -196,7 +196,16 @@ class Block(nnx.Module):
       gate, up = _fused(h, (self.gate, self.up))
     else:
       gate, up = self.gate(h), self.up(h)
-    return x + self.down(jax.nn.silu(gate) * up)
+    return x + self.down(_swiglu(gate, up))
+
+
+@jax.checkpoint
+def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, recomputed from gate and up in the backward pass instead of kept: without
+  this XLA keeps the sigmoid and the product too, per layer. On the issue-11 workload (cpu-base,
+  512 tokens per device) the step's temporaries drop from 89.1 to 83.9 MiB per device at the same
+  tokens/s (elementwise work on arrays the backward pass reads anyway; docs/benchmarks.md)."""
+  return jax.nn.silu(gate) * up
 
 
 def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:

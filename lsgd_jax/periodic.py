@@ -279,6 +279,33 @@ def release_free_memory() -> bool:
   return True
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX_MIB = 32  # glibc refuses a larger mmap threshold on 64-bit hosts
+
+
+def map_large_blocks(mib: int) -> bool:
+  """Makes the C heap serve every request of `mib` MiB or more from a fresh memory map that goes
+  back to the OS when freed (glibc's `M_MMAP_THRESHOLD`), and keep up to 4 x `mib` MiB free at
+  the top of a heap (`M_TRIM_THRESHOLD`); process-wide, for later requests. False where
+  there is no glibc or `mib` is 0 (nothing changed).
+
+  glibc's default raises its threshold to the size of each mapped block that is freed (up to 32
+  MiB), so after the first outer sync, a sync's temporaries (22 MB per fake device on the
+  issue-11 workload) come from the heap and stay resident for the whole next round, beside the
+  round's own buffers: 8 x 22 MB of the run's peak (docs/benchmarks.md). With 16 MiB they are
+  mapped for the sync and returned after it. The trim threshold is raised with it because a
+  fixed mmap threshold also fixes glibc's trim threshold at 128 KiB, and trimming that eagerly
+  cost ~10% tokens/s there (buffers of a few MiB faulted in afresh at every step)."""
+  if mib == 0 or not sys.platform.startswith("linux"):
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError, TypeError):
+    return False
+  return bool(mallopt(M_MMAP_THRESHOLD, mib << 20)) and bool(mallopt(M_TRIM_THRESHOLD,
+                                                                      4 * mib << 20))
+
+
 class ReleaseMemory:
   """`release_free_memory()` once per checkpoint save, at the first call end after its write has
   finished (at once for a save written while training waited, `checkpoint.async_save`)."""

@@ -270,6 +270,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         name: str | None) -> dict[str, Any]:
   s = build(config)
   c = s.config
+  periodic.map_large_blocks(config_lib.mmap_threshold_mib(c.train.mmap_threshold_mib,
+                                                          jax.default_backend()))
   tag = f"[{name or c.algorithm}]"
   print(f"{tag} {mesh_lib.describe(s.layout)}", flush=True)
   print(f"{tag} model {c.model.size}: {model.non_embedding_params(s.model_cfg):,} non-embedding "

@@ -223,6 +223,52 @@ def test_free_memory_is_released_under_glibc():
   assert periodic.release_free_memory()
 
 
+_BLOCKS = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from lsgd_jax import periodic
+def rss_mib():
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+if sys.argv[1] == "16":
+  assert periodic.map_large_blocks(16)
+before = rss_mib()
+for _ in range(3):  # glibc's default raises its threshold when the first mapped block is freed
+  block = np.ones(20 << 20, np.uint8)  # 20 MiB, every page written
+  del block
+print(rss_mib() - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_large_blocks_go_back_to_the_os_when_freed():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  kept = {mib: float(subprocess.run([sys.executable, "-c", _BLOCKS, mib, root], check=True,
+                                    capture_output=True, text=True).stdout)
+          for mib in ("0", "16")}
+  assert kept["0"] > 15  # glibc's default: the freed 20 MiB block stays in the heap, resident
+  assert kept["16"] < 2  # mapped for the request, returned when freed
+  from lsgd_jax import periodic  # pylint: disable=import-outside-toplevel
+  assert not periodic.map_large_blocks(0)  # 0: nothing changed
+
+
+def test_mmap_threshold_setting_is_checked():
+  from lsgd_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  assert [config_lib.mmap_threshold_mib(None, b) for b in ("cpu", "gpu", "tpu")] == [16, 0, 0]
+  assert [config_lib.mmap_threshold_mib(v, "gpu") for v in (0, 1, 32)] == [0, 1, 32]
+  for bad in (-1, 33, 2.5, True, "16"):
+    with pytest.raises(ValueError, match=rf"train.mmap_threshold_mib={bad!r}: allowed None "
+                       r"\(auto: 16 on a CPU\), 0 .* from 1 to 32"):
+      config_lib.mmap_threshold_mib(bad, "cpu")
+  c = _config()
+  c.train.mmap_threshold_mib = 40
+  with pytest.raises(ValueError, match="train.mmap_threshold_mib=40"):
+    config_lib.validate(c)
+
+
 def test_async_save_setting_is_checked():
   from lsgd_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   assert [config_lib.async_save(v) for v in (None, "auto", "True", "false", False)] == [

@@ -132,3 +132,17 @@ def test_fused_projections_keep_the_parameters_and_the_function():
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_swiglu_keeps_only_its_inputs_for_the_backward_pass():
+  gate, up = jax.random.normal(jax.random.key(0), (2, 3, 8)), jnp.linspace(-2.0, 2.0, 48)
+  up = up.reshape(2, 3, 8)
+  plain = lambda g, u: jax.nn.silu(g) * u
+  _, vjp = jax.vjp(model._swiglu, gate, up)  # pylint: disable=protected-access
+  _, vjp_plain = jax.vjp(plain, gate, up)
+  assert len(jax.tree.leaves(vjp)) == 2  # gate and up: the rest is recomputed
+  assert len(jax.tree.leaves(vjp_plain)) > 2  # what it saves (the sigmoid and products)
+  np.testing.assert_array_equal(model._swiglu(gate, up), plain(gate, up))  # pylint: disable=protected-access
+  cot = jnp.cos(gate)
+  for a, b in zip(vjp(cot), vjp_plain(cot)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
