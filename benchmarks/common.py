@@ -96,8 +96,8 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 def _category(name: str, op: str) -> str:
   """The kind of work an XLA:CPU kernel does, from its name and the op_name JAX gave it."""
-  attention = any(s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap(",
-                                     "causal_attention"))
+  attention = "swiglu" not in op and any(  # SwiGLU's remat also reads "jvp(vmap(" under vmap
+      s in op for s in ("BTNH", "BNTS", "BSNH", "_where", "jvp(vmap(", "causal_attention"))
   if "jvp" not in op:
     return "optimizer (AdamW, clipping)"
   if attention:

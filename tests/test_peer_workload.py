@@ -37,3 +37,7 @@ def test_kernel_categories():
              "dot_general").startswith("attention")
   assert cat("exp_fusion", "jit(train_step)/vmap(transpose(jvp(causal_attention)))/exp"
              ).startswith("attention")
+  # SwiGLU's product, recomputed in the backward pass (model._swiglu): not attention
+  swiglu = "jit(train_step)/vmap(transpose(jvp(vmap(jvp(swiglu)))))/checkpoint/jit(silu)"
+  assert cat("copy_bitcast_fusion.20", swiglu).startswith("copies")
+  assert cat("add_divide_fusion.3", swiglu + "/div").startswith("other")
