@@ -31,6 +31,7 @@ class MeshRun:
   batch: jax.Array
   state: Any
   round: Callable | None = None  # scanned_round: a round as the CPU loop runs it
+  inner: Callable | None = None  # the step without compiler options, for programs built on it
   batches: jax.Array | None = None  # [H, K, B/K, T+1]: the batch repeated for the scanned round
 
   def run(self, num_steps: int, sync_every: int | None = None) -> None:
@@ -50,23 +51,28 @@ class MeshRun:
     self.state = s
 
 
-def mesh_run(layout: mesh.Layout, algorithm: str, init, loss, tx, outer, tokens) -> MeshRun:
-  """`tokens` [K, B/K, T+1] on the layout's devices, a fresh state, the jitted step and sync."""
+def mesh_run(layout: mesh.Layout, algorithm: str, init, loss, tx, outer, tokens,
+             options: dict[str, str] | None = None) -> MeshRun:
+  """`tokens` [K, B/K, T+1] on the layout's devices, a fresh state, the jitted step and sync;
+  `options`: XLA's compiler options for the step (`rounds.compiler_options`, as the trainer)."""
   state = local_sgd.init_state(layout, algorithm, init, tx,
                                outer if algorithm == "local_sgd" else None, jax.random.key(0))
-  return MeshRun(step=local_sgd.make_train_step(layout, algorithm, loss, tx),
+  inner = local_sgd.make_train_step(layout, algorithm, loss, tx)
+  step = jax.jit(inner, donate_argnums=0, compiler_options=options) if options else inner
+  return MeshRun(step=step, inner=inner,
                  sync=(local_sgd.make_outer_sync(layout, outer) if algorithm == "local_sgd"
                        else None),
                  batch=mesh.put_global(tokens, layout.batch), state=state)
 
 
-def scanned_round(run: MeshRun, sync_every: int) -> MeshRun:
+def scanned_round(run: MeshRun, sync_every: int,
+                  options: dict[str, str] | None = None) -> MeshRun:
   """The same run as the training loop runs it on a CPU (`train.steps_per_call`): each round's H
   inner steps one compiled program (a `lax.scan` of the step), then the outer sync, so the host
   dispatches twice per round instead of H + 1 times."""
-  step, sync = run.step, run.sync
+  step, sync = run.inner or run.step, run.sync
   steps = jax.jit(lambda state, batches: jax.lax.scan(lambda s, b: step(s, b), state, batches),
-                  donate_argnums=0)
+                  donate_argnums=0, compiler_options=options or None)
   stacked = jax.sharding.NamedSharding(
       run.batch.sharding.mesh, jax.sharding.PartitionSpec(None, *run.batch.sharding.spec))
   batches = jax.device_put(jnp.broadcast_to(run.batch, (sync_every,) + run.batch.shape), stacked)

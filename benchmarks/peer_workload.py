@@ -23,7 +23,9 @@ count is printed beside wall-clock tokens/s: it is what the variant would reach 
 Peak RSS is the process's (all variants); minor page faults per step are the process's during
 each variant's timed steps (fresh pages XLA's per-call buffers fault in; an allocator preloaded
 with LD_PRELOAD changes them, docs/benchmarks.md). `--size` / `--seq_len` run the same workload
-at another model or sequence length (e.g. the attention block rule's measurements). `--profile` adds where one step's time goes (a
+at another model or sequence length (e.g. the attention block rule's measurements);
+`--library_fusion` compiles the steps with the trainer's `train.library_fusion` setting (auto:
+as the trainer; several values: variants). `--profile` adds where one step's time goes (a
 jax.profiler trace of the local SGD step on one device, whose kernels are not preempted by other
 devices' threads, grouped into matmuls, attention, optimizer, copies and other elementwise work).
 Writes JSON (`--out`).
@@ -45,10 +47,11 @@ import resource  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from lsgd_jax import mesh, model, optim  # noqa: E402
+from lsgd_jax import mesh, model, optim, rounds  # noqa: E402
 
 _DEVICES = flags.DEFINE_list("devices", ["1", "2", "8"], "Device layouts to measure (the 8 "
                              "workers spread over this many fake CPU devices).")
@@ -62,6 +65,9 @@ _SCANNED = flags.DEFINE_bool("scanned", True, "Also time local SGD with each rou
 _CHUNKS = flags.DEFINE_list("attention_chunks", ["0"], "Query blocks of the causal attention "
                             "(lsgd_jax.model.ModelConfig.attention_chunks; 0: auto, 4 at this "
                             "sequence length); several values add interleaved variants.")
+_FUSION = flags.DEFINE_list("library_fusion", ["auto"], "What XLA:CPU hands YNNPACK "
+                            "(train.library_fusion: auto, dot, xla); several values are "
+                            "measured as variants, interleaved.")
 _SIZE = flags.DEFINE_string("size", "cpu-base", "Model preset (the workload's: cpu-base).")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (the workload's: 256).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/peer_workload.json", "JSON output.")
@@ -82,15 +88,19 @@ def main(_):
   steps = max(_STEPS.value // H, 1) * H
 
   runs, memory = {}, {}
-  for devices, algorithm, chunks in itertools.product(map(int, _DEVICES.value), _ALGORITHMS.value,
-                                                      chunk_values):
+  fusions = _FUSION.value
+  for devices, algorithm, chunks, fusion in itertools.product(
+      map(int, _DEVICES.value), _ALGORITHMS.value, chunk_values, fusions):
     layout = mesh.make_layout(K, devices)
     loss = functools.partial(model.loss_fn, cfgs[chunks])
     init = functools.partial(model.init_params, cfgs[chunks])
     where = f"{devices} device{'s' * (devices > 1)}" + (  # named by the flag's value (0: auto)
-        f", {chunks or 'auto'} attention blocks" if len(chunk_values) > 1 else "")
+        f", {chunks or 'auto'} attention blocks" if len(chunk_values) > 1 else "") + (
+        f", fusion {fusion}" if len(fusions) > 1 else "")
     name = f"{algorithm}, {where}"
-    r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
+    options = rounds.compiler_options(fusion, jax.default_backend())
+    r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32),
+                        options)
     compiled = r.step.lower(r.state, r.batch).compile()
     mem = compiled.memory_analysis()
     memory[name] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) if mem else None
@@ -98,8 +108,9 @@ def main(_):
     runs[name] = (r, algorithm, compiled)
     print(f"compiled {name}", flush=True)
     if algorithm == "local_sgd" and _SCANNED.value:
-      fresh = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32))
-      scanned = common.scanned_round(fresh, H)
+      fresh = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32),
+                              options)
+      scanned = common.scanned_round(fresh, H, options)
       scanned.run(H, H)
       runs[f"local_sgd scanned, {where}"] = (scanned, algorithm, compiled)
       memory[f"local_sgd scanned, {where}"] = None
@@ -167,7 +178,8 @@ def main(_):
   if _PROFILE.value:  # on one device: with more fake devices than cores, kernels are preempted
     r = common.mesh_run(mesh.make_layout(K, 1), "local_sgd",
                         functools.partial(model.init_params, cfg),
-                        functools.partial(model.loss_fn, cfg), tx, outer, tokens.astype(np.int32))
+                        functools.partial(model.loss_fn, cfg), tx, outer, tokens.astype(np.int32),
+                        rounds.compiler_options(fusions[0], jax.default_backend()))
     compiled = r.step.lower(r.state, r.batch).compile()
     r.run(2)
     breakdown = common.profile_breakdown(lambda n: r.run(n), compiled.as_text())

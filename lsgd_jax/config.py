@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from lsgd_jax import clock, data, faults, local_sgd, model, optim, periodic, streaming
-from lsgd_jax import tokenizers, verdict
+from lsgd_jax import rounds, tokenizers, verdict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.steps_per_call = 0   # inner steps run as one compiled program (a loop; calls are cut at
                                # every sync, log, eval and checkpoint step): 0 = auto (10 on a
                                # CPU, 1 elsewhere), 1 = one dispatch per step
+  c.train.library_fusion = "auto"  # what XLA:CPU hands its YNNPACK library: "dot" (dot fusions
+  #                                  alone; +3-5% tokens/s on the issue-11 workload), "xla" (its
+  #                                  default: reductions too), "auto" ("dot" on a CPU unless
+  #                                  XLA_FLAGS sets the option; nothing elsewhere)
   # The C heap maps requests of this many MiB or more afresh and returns them when freed (glibc;
   # periodic.map_large_blocks): None (auto) = 16 on a CPU, where a sync's temporaries otherwise
   # stay resident through the next round (issue-11 workload: peak 1.88-1.91 -> ~1.77 GiB at the
@@ -211,6 +215,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"train.steps_per_call must be an integer >= 0 (0: auto), got "
                      f"{c.train.steps_per_call!r}.")
   mmap_threshold_mib(c.train.mmap_threshold_mib, "cpu")
+  rounds.check_library_fusion(c.train.library_fusion)
   for key in ("log_every", "eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ValueError(f"train.{key} must be non-negative, got {c.train[key]}.")

@@ -5,6 +5,8 @@ that run the train step and the outer syncs (`Programs`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Callable
 
 import jax
@@ -15,8 +17,52 @@ from lsgd_jax import comm, faults, local_sgd, streaming
 from lsgd_jax import mesh as mesh_lib
 
 
+LIBRARY_FUSION = ("auto", "dot", "xla")
+_YNN_FUSION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def compiler_options(library_fusion: str, backend: str) -> dict[str, str]:
+  """XLA options of the train-step programs for `train.library_fusion` on `backend`.
+
+  By default XLA:CPU hands its YNNPACK library the dots (with elementwise work fused in) and also
+  reductions with the elementwise work feeding them; for those a broadcast operand, such as an
+  RMSNorm scale in the scale's gradient, is first written out at the activations' size (on the
+  issue-11 workload ~2.4% of a step went to such broadcasts). "dot" hands YNNPACK the dot
+  fusions alone and leaves reductions to XLA's own fused loops: one device's kernel time per step
+  1,579 -> 1,371 ms, +3-5% tokens/s for the trainer's loop on 8 fake devices
+  (docs/benchmarks.md). "xla" keeps XLA's default; "auto" is "dot" on a CPU unless XLA_FLAGS sets the option or the installed jaxlib
+  lacks it (an experimental option). Empty on other backends (the option is XLA:CPU's)."""
+  check_library_fusion(library_fusion)
+  if backend != "cpu" or library_fusion == "xla" or (
+      library_fusion == "auto" and _YNN_FUSION in os.environ.get("XLA_FLAGS", "")):
+    return {}
+  options = {_YNN_FUSION: "LIBRARY_FUSION_TYPE_DOT"}
+  if not _known(tuple(options.items())):
+    if library_fusion == "auto":
+      return {}
+    raise ValueError(f"train.library_fusion='dot': this jaxlib ({jax.__version__}) has no XLA "
+                     f"option {_YNN_FUSION}; use 'auto' or 'xla'.")
+  return options
+
+
+def check_library_fusion(value) -> None:
+  if value not in LIBRARY_FUSION:
+    raise ValueError(f"train.library_fusion={value!r}: allowed "
+                     f"{', '.join(map(repr, LIBRARY_FUSION))}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _known(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's CPU compiler takes `options` (one tiny program compiled once)."""
+  try:
+    jax.jit(lambda x: x + 1, backend="cpu").lower(np.float32(0)).compile(dict(options))
+  except RuntimeError:  # jax.errors.JaxRuntimeError: "No such compile option" or a bad value
+    return False
+  return True
+
+
 def _steps_loop(train_step: Callable, state: local_sgd.TrainState, batch: jax.Array, per_call: int,
-                layout: mesh_lib.Layout):
+                layout: mesh_lib.Layout, options: dict[str, str] | None = None):
   """The compiled `loop(state, batches [per_call, ...], n) -> (state, metrics of step n)`: the
   train step over the first n batches in a `fori_loop` whose trip count is an argument, so calls
   of every length share one program (a `scan` would compile once per length; a run's calls are
@@ -31,7 +77,7 @@ def _steps_loop(train_step: Callable, state: local_sgd.TrainState, batch: jax.Ar
       (per_call, *batch.shape), batch.dtype,
       sharding=layout.sharding(jax.sharding.PartitionSpec(None, *layout.batch.spec)))
   count = jax.ShapeDtypeStruct((), np.int32, sharding=layout.sharding(jax.sharding.PartitionSpec()))
-  return jax.jit(loop, donate_argnums=0).lower(state, stacked, count).compile()
+  return jax.jit(loop, donate_argnums=0).lower(state, stacked, count).compile(options or None)
 
 
 def budget_policy(algorithm: str, policy: str, speeds: np.ndarray) -> bool:
@@ -133,23 +179,23 @@ class Programs:
   H = H2 = `rounds.global_steps` steps; flat runs sync every H = `rounds.round_steps`).
 
   `train_step`, `outer_sync` (None for DDP) and `cluster_sync` (None unless hierarchical) are the
-  jitted functions of `train.Setup`."""
+  jitted functions of `train.Setup`; `options` are XLA's for the train step (`compiler_options`)."""
 
   def __init__(self, layout: mesh_lib.Layout, train_step: Callable, outer_sync: Callable | None,
                cluster_sync: Callable | None, state: local_sgd.TrainState, batch: jax.Array,
-               rounds: Rounds, per_call: int = 1):
+               rounds: Rounds, per_call: int = 1, options: dict[str, str] | None = None):
     mesh = layout.mesh
     self.rounds, self.h = rounds, rounds.global_steps or rounds.round_steps
     stats = lambda fn: comm.CommStats.of(comm.collectives(fn, mesh))
     none = comm.CommStats(0, 0.0, {})
     self.per_call, self.step, self.loop = per_call, None, None
     if per_call > 1:  # one program for calls of 1 .. per_call steps (none compiled per step)
-      self.loop = _steps_loop(train_step, state, batch, per_call, layout)
+      self.loop = _steps_loop(train_step, state, batch, per_call, layout, options)
       self.step_comm = stats(self.loop)  # the loop body's collectives: one step's
       self._counts = [mesh_lib.put_global(np.int32(n), layout.sharding(jax.sharding.PartitionSpec()))
                       for n in range(per_call + 1)]
     else:
-      self.step = train_step.lower(state, batch, *rounds.step_args(0)).compile()
+      self.step = train_step.lower(state, batch, *rounds.step_args(0)).compile(options or None)
       self.step_comm = stats(self.step)
     self.sync, self.sync_comm = None, none
     self.cluster, self.cluster_comm, self.h1, self.cluster_ones = None, none, self.h, None

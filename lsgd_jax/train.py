@@ -206,8 +206,10 @@ def _compile(s: Setup, state: local_sgd.TrainState, batch: jax.Array, tag: str):
                              c.local_sgd.cluster_sync_every if hier else c.local_sgd.sync_every,
                              global_steps=c.local_sgd.sync_every if hier else None)
   per_step = rounds.budget or isinstance(s.outer_sync, streaming.Factory)
-  progs = rounds_lib.Programs(s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch,
-                              rounds, per_call=steps_per_call(c.train.steps_per_call, per_step))
+  progs = rounds_lib.Programs(
+      s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch, rounds,
+      per_call=steps_per_call(c.train.steps_per_call, per_step),
+      options=rounds_lib.compiler_options(c.train.library_fusion, jax.default_backend()))
   if hier:
     print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
           f"sync (every {progs.h1} steps)", flush=True)

@@ -2,8 +2,10 @@
 run cut into scanned calls gives the numbers of a run dispatched step by step, bit for bit."""
 
 import json
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,3 +65,50 @@ def test_scanned_calls_equal_step_by_step(tmp_path, algorithm):
   assert res1["eval_loss"] == res7["eval_loss"] and res1["comm_bytes"] == res7["comm_bytes"]
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p7)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_library_fusion_options(monkeypatch):
+  from lsgd_jax import rounds  # pylint: disable=import-outside-toplevel
+  dot = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert rounds.compiler_options("auto", "cpu") == dot
+  assert rounds.compiler_options("dot", "cpu") == dot
+  assert rounds.compiler_options("xla", "cpu") == {}
+  assert rounds.compiler_options("auto", "gpu") == rounds.compiler_options("dot", "tpu") == {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
+  assert rounds.compiler_options("auto", "cpu") == {}  # the user's flag stands
+  assert rounds.compiler_options("dot", "cpu") == dot
+  with pytest.raises(ValueError, match=r"train.library_fusion='dots': allowed 'auto', 'dot', "
+                     r"'xla'"):
+    rounds.compiler_options("dots", "cpu")
+  c = small_config()
+  c.train.library_fusion = "none"
+  with pytest.raises(ValueError, match="train.library_fusion='none'"):
+    config_lib.validate(c)
+
+
+def _library_fusions(compiled) -> list[set[str]]:
+  """The ops of each computation XLA:CPU hands YNNPACK in `compiled`."""
+  text = compiled.as_text()
+  ops = {block.split(" ", 1)[0]: set(re.findall(r"= \S+ (\w+)\(", block))
+         for block in text.split("\n\n")}
+  return [ops[name] for name in re.findall(r"calls=(%[\w.]+)[^\n]*__ynn_fusion", text)]
+
+
+def test_dot_only_library_fusion_keeps_reductions_in_xla():
+  # An RMSNorm-scaled projection and its gradient (the scale's gradient is a reduction): by
+  # default XLA:CPU hands YNNPACK reductions of their own too; with "dot" every library fusion
+  # holds a dot, and the numbers stay the default's.
+  from lsgd_jax import rounds  # pylint: disable=import-outside-toplevel
+  def loss(x, scale, w):
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+    return jnp.sum(jnp.tanh(y @ w))
+  args = (jax.random.normal(jax.random.key(0), (2, 256, 256)), jnp.linspace(0.5, 1.5, 256),
+          jax.random.normal(jax.random.key(1), (256, 704)) / 16)
+  lowered = jax.jit(jax.grad(loss, argnums=(1, 2))).lower(*args)
+  default, dot = lowered.compile(), lowered.compile(rounds.compiler_options("dot", "cpu"))
+  if not any("dot" not in ops for ops in _library_fusions(default)):
+    pytest.skip("this jaxlib hands YNNPACK no reduction of its own here")
+  assert _library_fusions(dot) and all("dot" in ops for ops in _library_fusions(dot))
+  for a, b in zip(default(*args), dot(*args)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)  # 512 O(1) terms summed in another order
