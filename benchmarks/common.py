@@ -32,6 +32,7 @@ class MeshRun:
   state: Any
   round: Callable | None = None  # scanned_round: a round as the CPU loop runs it
   inner: Callable | None = None  # the step without compiler options, for programs built on it
+  options: dict[str, str] | None = None  # XLA's compiler options of the step (and of its rounds)
   batches: jax.Array | None = None  # [H, K, B/K, T+1]: the batch repeated for the scanned round
 
   def run(self, num_steps: int, sync_every: int | None = None) -> None:
@@ -59,20 +60,19 @@ def mesh_run(layout: mesh.Layout, algorithm: str, init, loss, tx, outer, tokens,
                                outer if algorithm == "local_sgd" else None, jax.random.key(0))
   inner = local_sgd.make_train_step(layout, algorithm, loss, tx)
   step = jax.jit(inner, donate_argnums=0, compiler_options=options) if options else inner
-  return MeshRun(step=step, inner=inner,
+  return MeshRun(step=step, inner=inner, options=options,
                  sync=(local_sgd.make_outer_sync(layout, outer) if algorithm == "local_sgd"
                        else None),
                  batch=mesh.put_global(tokens, layout.batch), state=state)
 
 
-def scanned_round(run: MeshRun, sync_every: int,
-                  options: dict[str, str] | None = None) -> MeshRun:
+def scanned_round(run: MeshRun, sync_every: int) -> MeshRun:
   """The same run as the training loop runs it on a CPU (`train.steps_per_call`): each round's H
   inner steps one compiled program (a `lax.scan` of the step), then the outer sync, so the host
-  dispatches twice per round instead of H + 1 times."""
+  dispatches twice per round instead of H + 1 times. Compiled with the run's options."""
   step, sync = run.inner or run.step, run.sync
   steps = jax.jit(lambda state, batches: jax.lax.scan(lambda s, b: step(s, b), state, batches),
-                  donate_argnums=0, compiler_options=options or None)
+                  donate_argnums=0, compiler_options=run.options or None)
   stacked = jax.sharding.NamedSharding(
       run.batch.sharding.mesh, jax.sharding.PartitionSpec(None, *run.batch.sharding.spec))
   batches = jax.device_put(jnp.broadcast_to(run.batch, (sync_every,) + run.batch.shape), stacked)
@@ -115,20 +115,30 @@ def _category(name: str, op: str) -> str:
   return "other elementwise (norms, RoPE, SwiGLU, loss)"
 
 
-def profile_breakdown(run, compiled_text: str, steps: int = 3) -> list[dict]:
-  """Milliseconds per step by kernel category, from a jax.profiler trace of `run(steps)`.
+def profile_breakdown(run, compiled_text: str, steps: int = 3,
+                      top: int = 0) -> list[dict] | tuple[list[dict], list[dict]]:
+  """Milliseconds per step by kernel category, from a jax.profiler trace of `run(steps)`; with
+  `top`, also the `top` largest kernels (name, category, ms per step, share).
 
   Kernel time is summed over threads, so on a multi-core CPU the total may exceed wall time."""
   meta = {m.group(1): m.group(2) for m in re.finditer(
       r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled_text, re.M)}
   with tempfile.TemporaryDirectory() as d:
     events = trace_events(trace_to(run, steps, os.path.join(d, "trace.json.gz")))
-  totals = collections.Counter()
+  kernels = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and e["name"] in meta:
-      totals[_category(e["name"], meta[e["name"]])] += e.get("dur", 0) / 1e3 / steps
+      kernels[e["name"]] += e.get("dur", 0) / 1e3 / steps
+  totals = collections.Counter()
+  for name, ms in kernels.items():
+    totals[_category(name, meta[name])] += ms
   whole = sum(totals.values()) or 1.0
-  return [{"category": c, "ms_per_step": v, "share": v / whole} for c, v in totals.most_common()]
+  categories = [{"category": c, "ms_per_step": v, "share": v / whole}
+                for c, v in totals.most_common()]
+  if not top:
+    return categories
+  return categories, [{"kernel": n, "category": _category(n, meta[n]), "ms_per_step": v,
+                       "share": v / whole} for n, v in kernels.most_common(top)]
 
 
 def trace_to(fn: Callable[[int], Any], steps: int, dest: str) -> str:

@@ -98,7 +98,7 @@ def main(_):
         f", {chunks or 'auto'} attention blocks" if len(chunk_values) > 1 else "") + (
         f", fusion {fusion}" if len(fusions) > 1 else "")
     name = f"{algorithm}, {where}"
-    options = rounds.compiler_options(fusion, jax.default_backend())
+    options = rounds.compiler_options(fusion, jax.default_backend(), cfg.d_model)
     r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32),
                         options)
     compiled = r.step.lower(r.state, r.batch).compile()
@@ -110,7 +110,7 @@ def main(_):
     if algorithm == "local_sgd" and _SCANNED.value:
       fresh = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32),
                               options)
-      scanned = common.scanned_round(fresh, H, options)
+      scanned = common.scanned_round(fresh, H)
       scanned.run(H, H)
       runs[f"local_sgd scanned, {where}"] = (scanned, algorithm, compiled)
       memory[f"local_sgd scanned, {where}"] = None
@@ -156,7 +156,11 @@ def main(_):
   result = {"config": {"size": size, "workers": K, "sync_every": H, "seq_len": seq,
                        "global_batch": GLOBAL_BATCH, "vocab": VOCAB, "steps": steps,
                        "reps": _REPS.value, "cpus": os.cpu_count(),
-                       "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "library_fusion": {f: rounds.compiler_options(
+                           f, jax.default_backend(), cfg.d_model) for f in fusions},
+                       **{k: os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES")
+                          if k in os.environ}},
             "matmul_peak_flops": peak, "matmul_params": n_mm, "peak_rss_bytes": rss,
             "rows": rows}
   for algorithm in _ALGORITHMS.value:
@@ -179,14 +183,19 @@ def main(_):
     r = common.mesh_run(mesh.make_layout(K, 1), "local_sgd",
                         functools.partial(model.init_params, cfg),
                         functools.partial(model.loss_fn, cfg), tx, outer, tokens.astype(np.int32),
-                        rounds.compiler_options(fusions[0], jax.default_backend()))
+                        rounds.compiler_options(fusions[0], jax.default_backend(), cfg.d_model))
     compiled = r.step.lower(r.state, r.batch).compile()
     r.run(2)
-    breakdown = common.profile_breakdown(lambda n: r.run(n), compiled.as_text())
-    result["profile"] = {"variant": "local_sgd inner step, 1 device", "categories": breakdown}
+    breakdown, largest = common.profile_breakdown(lambda n: r.run(n), compiled.as_text(), top=8)
+    result["profile"] = {"variant": "local_sgd inner step, 1 device", "categories": breakdown,
+                         "largest_kernels": largest}
     print("\nwhere a local SGD inner step's kernel time goes (1 device, summed over threads):")
     for b in breakdown:
       print(f"  {b['ms_per_step']:8.1f} ms  {100 * b['share']:5.1f}%  {b['category']}")
+    print("the largest kernels:")
+    for k in largest:
+      print(f"  {k['ms_per_step']:8.1f} ms  {100 * k['share']:5.1f}%  {k['kernel']} "
+            f"({k['category']})")
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(result, f, indent=2)

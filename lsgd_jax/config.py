@@ -58,12 +58,14 @@ def base_config() -> ml_collections.ConfigDict:
                                # CPU, 1 elsewhere), 1 = one dispatch per step
   c.train.library_fusion = "auto"  # what XLA:CPU hands its YNNPACK library: "dot" (dot fusions
   #                                  alone; +3-5% tokens/s on the issue-11 workload), "xla" (its
-  #                                  default: reductions too), "auto" ("dot" on a CPU unless
-  #                                  XLA_FLAGS sets the option; nothing elsewhere)
+  #                                  default: reductions too), "auto" ("dot" on a CPU from
+  #                                  d_model 48 on, unless XLA_FLAGS sets the option or the
+  #                                  jaxlib lacks it; rounds.compiler_options)
   # The C heap maps requests of this many MiB or more afresh and returns them when freed (glibc;
   # periodic.map_large_blocks): None (auto) = 16 on a CPU, where a sync's temporaries otherwise
-  # stay resident through the next round (issue-11 workload: peak 1.88-1.91 -> ~1.77 GiB at the
-  # same tokens/s, docs/benchmarks.md), untouched elsewhere; 0 = the C library's own; 1-32 MiB.
+  # stay resident through the next round (issue-11 workload: peak 1.86-1.87 -> 1.74-1.79 GiB at
+  # the same tokens/s, docs/benchmarks.md), untouched elsewhere; 0 = leave the process's setting
+  # as it is (glibc's own rule unless an earlier run in the process changed it); 1-32 MiB.
   c.train.mmap_threshold_mib = ml_collections.config_dict.placeholder(int)
   c.train.eval_every = 50      # steps between held-out evaluations (0: only at the end)
   c.train.eval_batches = 4     # held-out batches per evaluation
@@ -283,13 +285,13 @@ def _validate_rates(c: ml_collections.ConfigDict) -> None:
 
 def mmap_threshold_mib(value, backend: str) -> int:
   """train.mmap_threshold_mib as periodic.map_large_blocks takes it on `backend`: None (auto) is
-  16 on a CPU and 0 (leave the C library's default) elsewhere."""
+  16 on a CPU and 0 (leave the C library's setting) elsewhere."""
   if value is None:
     return 16 if backend == "cpu" else 0
   top = periodic.MMAP_THRESHOLD_MAX_MIB
   if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
     raise ValueError(f"train.mmap_threshold_mib={value!r}: allowed None (auto: 16 on a CPU), 0 "
-                     f"(the C library's default) or a whole number of MiB from 1 to {top}.")
+                     f"(leave the C library's setting) or a whole number of MiB from 1 to {top}.")
   return value
 
 

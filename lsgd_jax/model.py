@@ -203,8 +203,9 @@ class Block(nnx.Module):
 def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   """silu(gate) * up, recomputed from gate and up in the backward pass instead of kept: without
   this XLA keeps the sigmoid and the product too, per layer. On the issue-11 workload (cpu-base,
-  512 tokens per device) the step's temporaries drop from 89.1 to 83.9 MiB per device at the same
-  tokens/s (elementwise work on arrays the backward pass reads anyway; docs/benchmarks.md)."""
+  512 tokens per device) the loop program's temporaries drop from 88.7 to 83.2 MiB per device at
+  the same tokens/s (elementwise work on arrays the backward pass reads anyway;
+  docs/benchmarks.md)."""
   with jax.named_scope("swiglu"):  # profiles group its ops by this name
     return jax.nn.silu(gate) * up
 

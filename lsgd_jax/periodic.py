@@ -261,6 +261,16 @@ class Checkpointing:
     self.divergence.saved(end.step)
 
 
+def _glibc(name: str) -> Callable | None:
+  """The C library's function `name` where the process runs on Linux and has it, else None."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    return getattr(ctypes.CDLL(None), name)
+  except (OSError, AttributeError, TypeError):
+    return None
+
+
 def release_free_memory() -> bool:
   """Hands the free pages of the C heap back to the OS (glibc's `malloc_trim(0)`); False where
   there is no glibc (macOS, Windows, musl). A process keeps memory it has freed for reuse, and a
@@ -269,11 +279,8 @@ def release_free_memory() -> bool:
   higher after the first save (the issue-11 workload: 2.7-2.85 GiB for the rest of the run, not
   ~2.0, docs/benchmarks.md). Costs a few milliseconds, and page faults where the freed pages are
   used again."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    trim = ctypes.CDLL(None).malloc_trim
-  except (OSError, AttributeError, TypeError):
+  trim = _glibc("malloc_trim")
+  if trim is None:
     return False
   trim(0)
   return True
@@ -286,8 +293,9 @@ MMAP_THRESHOLD_MAX_MIB = 32  # glibc refuses a larger mmap threshold on 64-bit h
 def map_large_blocks(mib: int) -> bool:
   """Makes the C heap serve every request of `mib` MiB or more from a fresh memory map that goes
   back to the OS when freed (glibc's `M_MMAP_THRESHOLD`), and keep up to 4 x `mib` MiB free at
-  the top of a heap (`M_TRIM_THRESHOLD`); process-wide, for later requests. False where
-  there is no glibc or `mib` is 0 (nothing changed).
+  the top of a heap (`M_TRIM_THRESHOLD`); process-wide, for later requests, and for the rest of
+  the process (glibc has no call that restores its own rule). False where there is no glibc or
+  `mib` is 0 (nothing changed).
 
   glibc's default raises its threshold to the size of each mapped block that is freed (up to 32
   MiB), so after the first outer sync, a sync's temporaries (22 MB per fake device on the
@@ -296,11 +304,8 @@ def map_large_blocks(mib: int) -> bool:
   mapped for the sync and returned after it. The trim threshold is raised with it because a
   fixed mmap threshold also fixes glibc's trim threshold at 128 KiB, and trimming that eagerly
   cost ~10% tokens/s there (buffers of a few MiB faulted in afresh at every step)."""
-  if mib == 0 or not sys.platform.startswith("linux"):
-    return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError, TypeError):
+  mallopt = _glibc("mallopt") if mib else None
+  if mallopt is None:
     return False
   return bool(mallopt(M_MMAP_THRESHOLD, mib << 20)) and bool(mallopt(M_TRIM_THRESHOLD,
                                                                       4 * mib << 20))

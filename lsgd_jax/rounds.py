@@ -19,10 +19,13 @@ from lsgd_jax import mesh as mesh_lib
 
 LIBRARY_FUSION = ("auto", "dot", "xla")
 _YNN_FUSION = "xla_cpu_experimental_ynn_fusion_type"
+DOT_ONLY_FROM_WIDTH = 48  # "auto": dot fusions only from this d_model on (measured below)
 
 
-def compiler_options(library_fusion: str, backend: str) -> dict[str, str]:
-  """XLA options of the train-step programs for `train.library_fusion` on `backend`.
+def compiler_options(library_fusion: str, backend: str,
+                     d_model: int | None = None) -> dict[str, str]:
+  """XLA options of the train-step programs for `train.library_fusion` on `backend` (for a
+  model of width `d_model`; None: any width).
 
   By default XLA:CPU hands its YNNPACK library the dots (with elementwise work fused in) and also
   reductions with the elementwise work feeding them; for those a broadcast operand, such as an
@@ -30,11 +33,14 @@ def compiler_options(library_fusion: str, backend: str) -> dict[str, str]:
   issue-11 workload ~2.4% of a step went to such broadcasts). "dot" hands YNNPACK the dot
   fusions alone and leaves reductions to XLA's own fused loops: one device's kernel time per step
   1,579 -> 1,371 ms, +3-5% tokens/s for the trainer's loop on 8 fake devices
-  (docs/benchmarks.md). "xla" keeps XLA's default; "auto" is "dot" on a CPU unless XLA_FLAGS sets the option or the installed jaxlib
-  lacks it (an experimental option). Empty on other backends (the option is XLA:CPU's)."""
+  (docs/benchmarks.md). At the study's two smallest widths (16, 32) it lost 2-5% in the same
+  comparison, so "auto" is "dot" on a CPU from d_model 48 on (+5% there), unless XLA_FLAGS sets
+  the option (an explicit "dot" overrides it) or the installed jaxlib lacks it (an experimental
+  option). "xla" keeps XLA's default. Empty on other backends (the option is XLA:CPU's)."""
   check_library_fusion(library_fusion)
-  if backend != "cpu" or library_fusion == "xla" or (
-      library_fusion == "auto" and _YNN_FUSION in os.environ.get("XLA_FLAGS", "")):
+  if backend != "cpu" or library_fusion == "xla" or (library_fusion == "auto" and (
+      _YNN_FUSION in os.environ.get("XLA_FLAGS", "")
+      or (d_model is not None and d_model < DOT_ONLY_FROM_WIDTH))):
     return {}
   options = {_YNN_FUSION: "LIBRARY_FUSION_TYPE_DOT"}
   if not _known(tuple(options.items())):
@@ -54,9 +60,9 @@ def check_library_fusion(value) -> None:
 @functools.lru_cache(maxsize=None)
 def _known(options: tuple[tuple[str, str], ...]) -> bool:
   """Whether this jaxlib's CPU compiler takes `options` (one tiny program compiled once)."""
-  try:
-    jax.jit(lambda x: x + 1, backend="cpu").lower(np.float32(0)).compile(dict(options))
-  except RuntimeError:  # jax.errors.JaxRuntimeError: "No such compile option" or a bad value
+  try:  # called only where the default backend is the CPU
+    jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), np.float32)).compile(dict(options))
+  except Exception:  # pylint: disable=broad-except  # "No such compile option", a bad value, ...
     return False
   return True
 
@@ -77,7 +83,8 @@ def _steps_loop(train_step: Callable, state: local_sgd.TrainState, batch: jax.Ar
       (per_call, *batch.shape), batch.dtype,
       sharding=layout.sharding(jax.sharding.PartitionSpec(None, *layout.batch.spec)))
   count = jax.ShapeDtypeStruct((), np.int32, sharding=layout.sharding(jax.sharding.PartitionSpec()))
-  return jax.jit(loop, donate_argnums=0).lower(state, stacked, count).compile(options or None)
+  lowered = jax.jit(loop, donate_argnums=0).lower(state, stacked, count)
+  return lowered.compile(options or None)
 
 
 def budget_policy(algorithm: str, policy: str, speeds: np.ndarray) -> bool:

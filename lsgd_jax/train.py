@@ -209,7 +209,8 @@ def _compile(s: Setup, state: local_sgd.TrainState, batch: jax.Array, tag: str):
   progs = rounds_lib.Programs(
       s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch, rounds,
       per_call=steps_per_call(c.train.steps_per_call, per_step),
-      options=rounds_lib.compiler_options(c.train.library_fusion, jax.default_backend()))
+      options=rounds_lib.compiler_options(c.train.library_fusion, jax.default_backend(),
+                                          s.model_cfg.d_model))
   if hier:
     print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
           f"sync (every {progs.h1} steps)", flush=True)

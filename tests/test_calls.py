@@ -57,10 +57,19 @@ def _run(tmp_path, name, per_call, algorithm):
 
 @pytest.mark.xla_default
 @pytest.mark.parametrize("algorithm", ["local_sgd", "ddp"])
-def test_scanned_calls_equal_step_by_step(tmp_path, algorithm):
+def test_scanned_calls_equal_step_by_step(tmp_path, algorithm, monkeypatch):
   # 23 steps, H = 10, log every 3, eval every 10: calls of 3, 3, 3, 1, 2, 3, 3, 2, ... steps.
+  from lsgd_jax import rounds  # pylint: disable=import-outside-toplevel
+  given, compile_ = [], jax.stages.Lowered.compile
+  def spy(self, compiler_options=None, **kwargs):  # the options each program is compiled with
+    given.append(compiler_options)
+    return compile_(self, compiler_options, **kwargs)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
   res1, rec1, p1 = _run(tmp_path, "one", 1, algorithm)
+  step_options = list(given)
   res7, rec7, p7 = _run(tmp_path, "seven", 7, algorithm)
+  dot = rounds.compiler_options("auto", "cpu", 64)  # the trainer's step and loop (width 64)
+  assert dot in step_options and dot in given[len(step_options):]
   assert rec1 == rec7
   assert res1["eval_loss"] == res7["eval_loss"] and res1["comm_bytes"] == res7["comm_bytes"]
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p7)):
@@ -71,16 +80,26 @@ def test_library_fusion_options(monkeypatch):
   from lsgd_jax import rounds  # pylint: disable=import-outside-toplevel
   dot = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  if not rounds._known(tuple(dot.items())):  # pylint: disable=protected-access
+    pytest.skip("this jaxlib has no xla_cpu_experimental_ynn_fusion_type")
   assert rounds.compiler_options("auto", "cpu") == dot
   assert rounds.compiler_options("dot", "cpu") == dot
   assert rounds.compiler_options("xla", "cpu") == {}
   assert rounds.compiler_options("auto", "gpu") == rounds.compiler_options("dot", "tpu") == {}
+  # by width: the study's two smallest models (16, 32) keep XLA's default under "auto"
+  assert rounds.compiler_options("auto", "cpu", 32) == {} and rounds.compiler_options(
+      "auto", "cpu", 48) == rounds.compiler_options("dot", "cpu", 16) == dot
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
   assert rounds.compiler_options("auto", "cpu") == {}  # the user's flag stands
   assert rounds.compiler_options("dot", "cpu") == dot
   with pytest.raises(ValueError, match=r"train.library_fusion='dots': allowed 'auto', 'dot', "
                      r"'xla'"):
     rounds.compiler_options("dots", "cpu")
+  monkeypatch.setattr(rounds, "_known", lambda options: False)  # a jaxlib without the option
+  assert rounds.compiler_options("auto", "cpu") == {}
+  with pytest.raises(ValueError, match=r"train.library_fusion='dot': this jaxlib .* has no XLA "
+                     r"option xla_cpu_experimental_ynn_fusion_type; use 'auto' or 'xla'"):
+    rounds.compiler_options("dot", "cpu")
   c = small_config()
   c.train.library_fusion = "none"
   with pytest.raises(ValueError, match="train.library_fusion='none'"):

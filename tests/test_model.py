@@ -142,7 +142,8 @@ def test_swiglu_keeps_only_its_inputs_for_the_backward_pass():
   _, vjp_plain = jax.vjp(plain, gate, up)
   assert len(jax.tree.leaves(vjp)) == 2  # gate and up: the rest is recomputed
   assert len(jax.tree.leaves(vjp_plain)) > 2  # what it saves (the sigmoid and products)
-  np.testing.assert_array_equal(model._swiglu(gate, up), plain(gate, up))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(model._swiglu(gate, up),  # pylint: disable=protected-access
+                                plain(gate, up))
   cot = jnp.cos(gate)
   for a, b in zip(vjp(cot), vjp_plain(cot)):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
