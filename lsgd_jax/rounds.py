@@ -32,7 +32,7 @@ def compiler_options(library_fusion: str, backend: str,
   RMSNorm scale in the scale's gradient, is first written out at the activations' size (on the
   issue-11 workload ~2.4% of a step went to such broadcasts). "dot" hands YNNPACK the dot
   fusions alone and leaves reductions to XLA's own fused loops: one device's kernel time per step
-  1,579 -> 1,371 ms, +3-5% tokens/s for the trainer's loop on 8 fake devices
+  1,624 -> 1,484 ms, +3-5% tokens/s for the trainer's loop on 8 fake devices
   (docs/benchmarks.md). At the study's two smallest widths (16, 32) it lost 2-5% in the same
   comparison, so "auto" is "dot" on a CPU from d_model 48 on (+5% there), unless XLA_FLAGS sets
   the option (an explicit "dot" overrides it) or the installed jaxlib lacks it (an experimental
