@@ -136,13 +136,25 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 3.0 * (2 * n + attn + head)
 
 
-def _rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding on [..., T, heads, head_dim] (the half-split convention of LLaMA ports)."""
+def _rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """sin and cos of the rotary angles of positions 0 .. seq_len - 1, each [T, 1, head_dim / 2]
+  float32, evaluated when the program is traced, so they enter it as constants that are read
+  where used. Computed inside the program, XLA:CPU fuses sin and cos into every consumer and
+  evaluates them again for every element of q and k (batch x heads times per layer, forward and
+  backward): ~40 ms of a 1.4 s step on the issue-11 workload (docs/benchmarks.md). The same
+  operations as before, so the same values."""
+  with jax.ensure_compile_time_eval():
+    half = head_dim // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.arange(seq_len)[:, None].astype(jnp.float32) * freqs[None, :]  # [T, half]
+    return jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+
+
+def _rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding on [..., T, heads, head_dim] (the half-split convention of LLaMA ports),
+  with `tables` = `_rope_tables(T, head_dim, theta)`."""
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # [T, half]
-  sin = jnp.sin(angles)[:, None, :].astype(x.dtype)
-  cos = jnp.cos(angles)[:, None, :].astype(x.dtype)
+  sin, cos = (a.astype(x.dtype) for a in tables)
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -172,7 +184,7 @@ class Block(nnx.Module):
     self.up = _dense(d, cfg.d_ff, rngs, dt, std)
     self.down = _dense(cfg.d_ff, d, rngs, dt, out_std)
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     cfg = self.cfg
     b, t, _ = x.shape
     h = self.attn_norm(x)
@@ -181,8 +193,8 @@ class Block(nnx.Module):
       q, k, v = _fused(h, (self.q, self.k, self.v))
     else:
       q, k, v = self.q(h), self.k(h), self.v(h)
-    q = _rope(q.reshape(shape), positions, cfg.rope_theta)
-    k = _rope(k.reshape(shape), positions, cfg.rope_theta)
+    q = _rope(q.reshape(shape), rope)
+    k = _rope(k.reshape(shape), rope)
     v = v.reshape(shape)
     impl = attention_implementation(cfg)
     chunks = attention_chunks(cfg, t) if impl == "xla" else 1
@@ -225,27 +237,76 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int) -> j
   block i attends only to the keys up to its own end, so the scores above the diagonal blocks
   (a quarter of them with 2 blocks, 3/8 with 4) are never computed. The same function as
   `jax.nn.dot_product_attention(..., is_causal=True)` (XLA's): scaled float32 scores, the same
-  large negative fill where masked, softmax in float32; equal to it up to the order of float
-  additions."""
-  with jax.named_scope("causal_attention"):  # profiles group its ops by this name
-    return _blocks(q, k, v, chunks)
+  large negative fill where masked, softmax in float32; equal to it up to the rounding of float
+  operations (the scale is applied to the queries, the softmax's division to the output).
+
+  Its gradient is written out (`jax.custom_vjp`) the way flash attention computes it: the
+  forward pass keeps the unnormalised exponentials and their row sums, and the backward pass
+  uses rowsum(dP * P) = rowsum(dO * O), a sum over head_dim instead of over the keys, with no
+  pass for the mask's gradient (masked exponentials are exactly 0). On the issue-11 workload
+  this is fewer passes over the [T, T] scores than autodiff of the forward pass makes
+  (docs/benchmarks.md)."""
+  return _attention(q, k, v, chunks)
 
 
-def _blocks(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int) -> jax.Array:
-  t, h = q.shape[1], q.shape[-1]
+def _block_bounds(t: int, chunks: int) -> list[tuple[int, int]]:
   size = -(-t // chunks)
-  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  out = []
-  for start in range(0, t, size):
-    end = min(start + size, t)
-    s = jnp.einsum("bqnh,bknh->bnqk", q[:, start:end], k[:, :end],
-                   preferred_element_type=logits_dtype)
-    s = s * jnp.array(1.0 / math.sqrt(h), dtype=s.dtype)
-    mask = (start + jnp.arange(end - start))[:, None] >= jnp.arange(end)[None, :]
-    s = jnp.where(mask, s, -0.7 * float(jnp.finfo(s.dtype).max))  # as jax.nn's XLA path
-    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(k.dtype)
-    out.append(jnp.einsum("bnqk,bknh->bqnh", p, v[:, :end]))
-  return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
+  return [(start, min(start + size, t)) for start in range(0, t, size)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int) -> jax.Array:
+  return _attention_fwd(q, k, v, chunks)[0]
+
+
+def _attention_fwd(q, k, v, chunks):
+  with jax.named_scope("causal_attention"):  # profiles group its ops by this name
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    # [B, heads, T, head_dim]: each block's scores are one batched matmul
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q * scale, k, v))
+    exps, sums, outs = [], [], []
+    for start, end in _block_bounds(q.shape[1], chunks):
+      s = jnp.einsum("bnqh,bnkh->bnqk", qt[:, :, start:end], kt[:, :, :end],
+                     preferred_element_type=f32)
+      mask = (start + jnp.arange(end - start))[:, None] >= jnp.arange(end)[None, :]
+      s = jnp.where(mask, s, -0.7 * float(jnp.finfo(s.dtype).max))  # as jax.nn's XLA path
+      e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # 0 where masked
+      total = jnp.sum(e, axis=-1, keepdims=True)
+      o = jnp.einsum("bnqk,bnkh->bnqh", e.astype(v.dtype), vt[:, :, :end],
+                     preferred_element_type=f32) / total
+      exps.append(e)
+      sums.append(total)
+      outs.append(o.astype(q.dtype))
+    ot = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return jnp.swapaxes(ot, 1, 2), (qt, kt, vt, exps, sums, ot)
+
+
+def _attention_bwd(chunks, res, do):
+  with jax.named_scope("causal_attention"):
+    qt, kt, vt, exps, sums, ot = res
+    f32 = jnp.promote_types(qt.dtype, jnp.float32)
+    scale = jnp.asarray(1.0 / math.sqrt(qt.shape[-1]), f32)
+    dot = jnp.swapaxes(do, 1, 2)
+    # rowsum(dP * P) for the softmax's gradient, as rowsum(dO * O)
+    delta = jnp.sum(dot.astype(f32) * ot.astype(f32), axis=-1, keepdims=True)
+    dq, dk, dv = [], jnp.zeros(kt.shape, f32), jnp.zeros(vt.shape, f32)
+    for (start, end), e, total in zip(_block_bounds(qt.shape[2], chunks), exps, sums):
+      inv = 1.0 / total
+      do_i = dot[:, :, start:end]
+      dp = jnp.einsum("bnqh,bnkh->bnqk", do_i, vt[:, :, :end], preferred_element_type=f32)
+      ds = (e * ((dp - delta[:, :, start:end]) * inv)).astype(qt.dtype)  # dS = P (dP - delta)
+      dq.append(jnp.einsum("bnqk,bnkh->bnqh", ds, kt[:, :, :end], preferred_element_type=f32))
+      dk = dk.at[:, :, :end].add(jnp.einsum("bnqk,bnqh->bnkh", ds, qt[:, :, start:end],
+                                            preferred_element_type=f32))
+      p = e.astype(do.dtype)  # P^T dO as E^T (dO / sum)
+      dv = dv.at[:, :, :end].add(jnp.einsum("bnqk,bnqh->bnkh", p, (do_i * inv).astype(do.dtype),
+                                            preferred_element_type=f32))
+    dq = (jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]) * scale
+    return tuple(jnp.swapaxes(g, 1, 2).astype(x.dtype) for g, x in ((dq, qt), (dk, kt), (dv, vt)))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _fused(h: jax.Array, layers) -> list[jax.Array]:
@@ -276,10 +337,10 @@ class Transformer(nnx.Module):
     if t > self.cfg.max_seq_len:
       raise ValueError(f"Sequence length {t} exceeds the model's max_seq_len "
                        f"{self.cfg.max_seq_len}.")
-    positions = jnp.arange(t)
+    rope = _rope_tables(t, self.cfg.head_dim, self.cfg.rope_theta)
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x, positions)
+      x = block(x, rope)
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
     return logits.astype(jnp.float32)

@@ -103,6 +103,48 @@ def test_block_causal_attention_equals_jax_attention(t, chunks):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_block_causal_attention_bfloat16_and_under_vmap():
+  """The hand-written gradient keeps the input dtype and works per worker (vmapped), as the
+  trainer calls it."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, 2, 16, 2, 8)) for i in range(3))
+  ref = jax.vmap(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                              implementation="xla"))
+  blocks = jax.vmap(lambda q, k, v: model.causal_attention(q, k, v, 4))
+  grad = lambda f, *a: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(
+      *a)
+  for a, b in zip(grad(blocks, q, k, v), grad(ref, q, k, v)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+  low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = jax.jit(blocks)(*low)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), ref(*low).astype(jnp.float32), atol=2e-2)
+  for a, b in zip(grad(blocks, *low), grad(ref, *low)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=5e-2)
+
+
+def test_rope_tables_are_constants_with_the_in_program_values():
+  """The rotary tables are evaluated when the model is traced (XLA:CPU would otherwise compute
+  sin and cos again for every element of q and k), with the values the program computed."""
+  t, head_dim, theta = 64, 16, 10_000.0
+  sin, cos = model._rope_tables(t, head_dim, theta)
+
+  @jax.jit
+  def in_program(positions):
+    freqs = theta ** (-jnp.arange(head_dim // 2, dtype=jnp.float32) / (head_dim // 2))
+    angles = positions[:, None].astype(jnp.float32) * freqs[None, :]
+    return jnp.sin(angles), jnp.cos(angles)
+
+  want_sin, want_cos = in_program(jnp.arange(t))
+  np.testing.assert_array_equal(sin[:, 0], want_sin)
+  np.testing.assert_array_equal(cos[:, 0], want_cos)
+  cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=t)
+  params = model.init_params(cfg, jax.random.key(0))
+  batch = jnp.zeros((2, t + 1), jnp.int32)
+  hlo = jax.jit(jax.grad(lambda p: model.loss_fn(cfg, p, batch))).lower(params).as_text()
+  assert "sine" not in hlo and "cosine" not in hlo
+
+
 def test_attention_chunks_auto_rule_and_model_equivalence():
   cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=512)
   assert [model.attention_chunks(cfg, t) for t in (64, 255, 256, 512)] == [1, 1, 4, 4]
