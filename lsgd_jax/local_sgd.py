@@ -100,7 +100,7 @@ def replica_step(params: PyTree, opt_state: PyTree, batch: jax.Array, *, loss_fn
   loss, grads = jax.value_and_grad(replica_loss)(params)
   updates, opt_state = tx.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def _nontrivial(layout: Layout, *axes: str) -> tuple[str, ...]:

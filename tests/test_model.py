@@ -123,6 +123,37 @@ def test_block_causal_attention_bfloat16_and_under_vmap():
     np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=5e-2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_projections_gradient_equals_autodiff_of_the_layers(dtype):
+  """`_project`'s written-out gradient (weight gradients from one transposed input) is autodiff's
+  of the nnx layers it replaces, per worker under vmap as the trainer calls it, in both compute
+  dtypes; the parameters' gradients stay float32."""
+  dt = jnp.dtype(dtype)
+  layers = [nnx.Linear(8, n, use_bias=False, dtype=dt, param_dtype=jnp.float32,
+                       rngs=nnx.Rngs(i)) for i, n in enumerate((8, 12))]
+  kernels = tuple(layer.kernel[...] for layer in layers)
+  h = jax.random.normal(jax.random.key(5), (3, 2, 5, 8))  # [workers, batch, time, d_in]
+  weights = [jax.random.normal(jax.random.key(6 + i), (3, 2, 5, n)) for i, n in enumerate((8, 12))]
+
+  split = [nnx.split(layer) for layer in layers]  # each state holds one leaf, the kernel
+
+  def loss(ks, h, project):
+    fresh = [nnx.merge(g, jax.tree.map(lambda _: k, s)) for (g, s), k in zip(split, ks)]
+    outs = project(h, fresh)
+    return sum(jnp.sum(jnp.sin(o.astype(jnp.float32)) * w[0]) for o, w in zip(outs, weights))
+
+  ours = model._project
+  theirs = lambda h, fresh: [layer(h) for layer in fresh]
+  grads = lambda project: jax.vmap(jax.grad(lambda ks, h: loss(ks, h, project), argnums=(0, 1)),
+                                   in_axes=(None, 0))(kernels, h)
+  (dk1, dh1), (dk2, dh2) = grads(ours), grads(theirs)
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  for a, b in zip(dk1 + (dh1,), dk2 + (dh2,)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=tol, atol=tol)
+  assert all(k.dtype == jnp.float32 for k in dk1)
+
+
 def test_rope_tables_are_constants_with_the_in_program_values():
   """The rotary tables are evaluated when the model is traced (XLA:CPU would otherwise compute
   sin and cos again for every element of q and k), with the values the program computed."""
