@@ -7,12 +7,12 @@ width 64, 141,760 non-embedding parameters) trained to 20 tokens per parameter (
 with the outer setting the study found best at the smaller sizes (docs/scaling_cpu_v2). Evaluation
 on 65,536 held-out tokens every 100 steps, always right after an outer sync for local SGD.
 
-Command (the README's first; both runs, 2m15s on an idle 2-core CPU, 2026-12-06):
+Command (the README's first; both runs, 2m09s on an idle 2-core CPU, 2026-12-06):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
     python -m experiments.compare --config=configs/default.py --workdir=runs/default
 
-Measured with this command (2026-12-06, jax 0.10.2): eval loss DDP 1.6603, local SGD 1.9221, so
+Measured with this command (2026-12-06, jax 0.10.2): eval loss DDP 1.6594, local SGD 1.9224, so
 local SGD is 0.26 nats (16%) behind DDP at this size. The study's seed-0 runs of this exact config
 (docs/scaling_cpu_v2/results.csv, trained on 2026-12-01 before the trainer's current loop
 program; each beside another sweep, DDP 2m14s, local SGD 3m22s) read DDP 1.6625, local SGD

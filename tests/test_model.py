@@ -88,7 +88,7 @@ def test_bad_model_inputs():
     model.apply(cfg, params, jnp.zeros((1, 9), jnp.int32))
 
 
-@pytest.mark.parametrize("t, chunks", [(16, 4), (15, 4), (12, 5)])
+@pytest.mark.parametrize("t, chunks", [(16, 4), (15, 4), (12, 5), (9, 1)])
 def test_block_causal_attention_equals_jax_attention(t, chunks):
   """The query blocks only skip scores that the causal mask zeroes: the same outputs and
   gradients as jax.nn.dot_product_attention's XLA path (blocks that do not divide T included)."""
