@@ -3,10 +3,11 @@
 RMSNorm (pre-norm), rotary position embeddings, SwiGLU MLP, causal attention (cuDNN's through
 `jax.nn.dot_product_attention` on a GPU in bfloat16, otherwise `causal_attention`: XLA's, in
 query blocks from 256 tokens, with a flash-style gradient), optional tied input/output
-embeddings. Parameters are float32; the compute dtype is float32 or bfloat16. Three things are
-written out for XLA:CPU's sake, each the same function as the plain version up to float
-rounding: that attention's gradient, the projections' gradient (`_project`) and the rotary
-tables as constants (`_rope_tables`).
+embeddings. Parameters are float32; the compute dtype is float32 or bfloat16. Two gradients are
+written out and the rotary tables made constants for XLA:CPU's sake (on every backend; each the
+same function as the plain version up to float rounding): that attention's gradient, the
+projections' gradient (`_project`) and the tables (`_rope_tables`). The custom gradients make
+the loss differentiable in reverse mode only (`jax.grad`, `jax.vjp`; not `jax.jvp`).
 
 The training code works on pure parameter pytrees (nested dicts of arrays): `init_params`
 returns one and `apply` merges it back into the module for a forward pass, so optax, orbax,
@@ -145,7 +146,7 @@ def _rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, 
   float32, evaluated when the program is traced, so they enter it as constants that are read
   where used. Computed inside the program, XLA:CPU fuses sin and cos into every consumer and
   evaluates them again for every element of q and k (batch x heads times per layer, forward and
-  backward): ~40 ms of a 1.4 s step on the issue-11 workload (docs/benchmarks.md). The same
+  backward): ~50 ms of a 1.3 s step on the issue-11 workload (docs/benchmarks.md). The same
   operations as before, so the same values."""
   with jax.ensure_compile_time_eval():
     half = head_dim // 2
@@ -249,8 +250,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int) -> j
   uses rowsum(dP * P) = rowsum(dO * O), a sum over head_dim instead of over the keys, with no
   pass for the mask's gradient (masked exponentials are exactly 0). That is fewer passes over the
   [T, T] scores than autodiff of the forward pass makes: on a 2-core CPU the trainer's loop ran
-  ~5% faster on the issue-11 workload (256 tokens, 4 blocks) and 5-17% at the study's sizes (64
-  tokens, 1 block) than with jax's attention (docs/benchmarks.md)."""
+  5-17% faster at the study's sizes (64 tokens, 1 block) than with jax's attention, and ~5% on
+  the issue-11 workload (256 tokens, 4 blocks) together with the rotary tables
+  (docs/benchmarks.md). Being a custom VJP, it (and so the model's loss) supports reverse-mode
+  differentiation only, not `jax.jvp` / `jax.jacfwd`."""
   return _attention(q, k, v, chunks)
 
 
@@ -267,9 +270,9 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int) -> jax.Arr
 def _attention_fwd(q, k, v, chunks):
   with jax.named_scope("causal_attention"):  # profiles group its ops by this name
     f32 = jnp.promote_types(q.dtype, jnp.float32)
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    q = (q.astype(f32) * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)  # the scale in float32
     # [B, heads, T, head_dim]: each block's scores are one batched matmul
-    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q * scale, k, v))
+    qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     exps, sums, outs = [], [], []
     for start, end in _block_bounds(q.shape[1], chunks):
       s = jnp.einsum("bnqh,bnkh->bnqk", qt[:, :, start:end], kt[:, :, :end],
@@ -291,23 +294,24 @@ def _attention_bwd(chunks, res, do):
   with jax.named_scope("causal_attention"):
     qt, kt, vt, exps, sums, ot = res
     f32 = jnp.promote_types(qt.dtype, jnp.float32)
-    scale = jnp.asarray(1.0 / math.sqrt(qt.shape[-1]), f32)
     dot = jnp.swapaxes(do, 1, 2)
     # rowsum(dP * P) for the softmax's gradient, as rowsum(dO * O)
     delta = jnp.sum(dot.astype(f32) * ot.astype(f32), axis=-1, keepdims=True)
-    dq, dk, dv = [], jnp.zeros(kt.shape, f32), jnp.zeros(vt.shape, f32)
-    for (start, end), e, total in zip(_block_bounds(qt.shape[2], chunks), exps, sums):
+    dq, dk, dv = [], None, None
+    blocks = list(zip(_block_bounds(qt.shape[2], chunks), exps, sums))
+    for (start, end), e, total in reversed(blocks):  # the last block's dk, dv cover all keys
       inv = 1.0 / total
       do_i = dot[:, :, start:end]
       dp = jnp.einsum("bnqh,bnkh->bnqk", do_i, vt[:, :, :end], preferred_element_type=f32)
       ds = (e * ((dp - delta[:, :, start:end]) * inv)).astype(qt.dtype)  # dS = P (dP - delta)
-      dq.append(jnp.einsum("bnqk,bnkh->bnqh", ds, kt[:, :, :end], preferred_element_type=f32))
-      dk = dk.at[:, :, :end].add(jnp.einsum("bnqk,bnqh->bnkh", ds, qt[:, :, start:end],
-                                            preferred_element_type=f32))
-      p = e.astype(do.dtype)  # P^T dO as E^T (dO / sum)
-      dv = dv.at[:, :, :end].add(jnp.einsum("bnqk,bnqh->bnkh", p, (do_i * inv).astype(do.dtype),
-                                            preferred_element_type=f32))
-    dq = (jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]) * scale
+      dq.insert(0, jnp.einsum("bnqk,bnkh->bnqh", ds, kt[:, :, :end], preferred_element_type=f32))
+      dk_i = jnp.einsum("bnqk,bnqh->bnkh", ds, qt[:, :, start:end], preferred_element_type=f32)
+      # P^T dO as E^T (dO / sum)
+      dv_i = jnp.einsum("bnqk,bnqh->bnkh", e.astype(do.dtype), (do_i * inv).astype(do.dtype),
+                        preferred_element_type=f32)
+      dk = dk_i if dk is None else dk.at[:, :, :end].add(dk_i)
+      dv = dv_i if dv is None else dv.at[:, :, :end].add(dv_i)
+    dq = (jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]) * (1.0 / math.sqrt(qt.shape[-1]))
     return tuple(jnp.swapaxes(g, 1, 2).astype(x.dtype) for g, x in ((dq, qt), (dk, kt), (dv, vt)))
 
 
@@ -321,26 +325,32 @@ def _project(h: jax.Array, layers) -> list[jax.Array]:
   The gradient is written out (`_projections`): every weight gradient is h^T dy with h seen as
   [tokens, d_in], so the layers share one transposed `h`. Left to autodiff, XLA:CPU transposed
   each layer's output gradient instead (for q, k and v three of them, for gate and up two of
-  d_ff = 2.75 d wide). On the issue-11 workload the trainer's loop runs ~4-5% faster
+  d_ff = 2.75 d wide). On the issue-11 workload the trainer's loop ran 6% faster
   (docs/benchmarks.md); the numbers differ by the order of float additions only."""
   dt = layers[0].dtype
-  ws = tuple(_vary_like(layer.kernel[...].astype(dt), h) for layer in layers)
-  return _projections(h.astype(dt), ws)
+  h, *ws = _vary_alike(h.astype(dt), *(layer.kernel[...].astype(dt) for layer in layers))
+  return _projections(h, tuple(ws))
 
 
-def _vary_like(w: jax.Array, h: jax.Array) -> jax.Array:
-  """`w` marked as varying over the manual mesh axes (`shard_map`) that `h` varies over, as
-  autodiff does implicitly when they meet in a matmul: a custom VJP must return each cotangent
-  with its input's type, and `w`'s gradient h^T dy varies like `h` (the mark's transpose sums it
-  over those axes, e.g. DDP's all-reduce of the gradients)."""
-  missing = tuple(sorted(_varying_axes(h) - _varying_axes(w)))
-  return jax.lax.pcast(w, missing, to="varying") if missing else w
+def _vary_alike(*xs: jax.Array) -> list[jax.Array]:
+  """`xs` marked as varying over every manual mesh axis (`shard_map`) that one of them varies
+  over, as autodiff does implicitly where they meet in a matmul: a custom VJP must return each
+  cotangent with its input's type, and a weight's gradient h^T dy varies like the activations
+  (the mark's transpose sums it over those axes, e.g. DDP's all-reduce of the gradients)."""
+  axes = [_varying_axes(x) for x in xs]
+  union = frozenset().union(*axes)
+  return [jax.lax.pcast(x, tuple(sorted(union - a)), to="varying") if union - a else x
+          for x, a in zip(xs, axes)]
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
   aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)  # jax >= 0.10; earlier versions call it `vma`
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+  if hasattr(aval, "mat"):  # jax 0.10: ManualAxisType
+    return frozenset(aval.mat.varying)
+  if hasattr(aval, "vma"):  # its earlier name
+    return frozenset(aval.vma)
+  raise NotImplementedError(f"This JAX ({jax.__version__}) says neither `mat` nor `vma` of an "
+                            "array's type; lsgd_jax.model._varying_axes needs updating.")
 
 
 @jax.custom_vjp

@@ -103,13 +103,14 @@ def test_block_causal_attention_equals_jax_attention(t, chunks):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-def test_block_causal_attention_bfloat16_and_under_vmap():
+@pytest.mark.parametrize("t, chunks", [(16, 4), (16, 1), (1, 1)])
+def test_block_causal_attention_bfloat16_and_under_vmap(t, chunks):
   """The hand-written gradient keeps the input dtype and works per worker (vmapped), as the
-  trainer calls it."""
-  q, k, v = (jax.random.normal(jax.random.key(i), (3, 2, 16, 2, 8)) for i in range(3))
+  trainer calls it; head_dim 12, whose scale 1/sqrt(12) bfloat16 cannot hold exactly."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (3, 2, t, 2, 12)) for i in range(3))
   ref = jax.vmap(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                               implementation="xla"))
-  blocks = jax.vmap(lambda q, k, v: model.causal_attention(q, k, v, 4))
+  blocks = jax.vmap(lambda q, k, v: model.causal_attention(q, k, v, chunks))
   grad = lambda f, *a: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(
       *a)
   for a, b in zip(grad(blocks, q, k, v), grad(ref, q, k, v)):
@@ -152,6 +153,56 @@ def test_projections_gradient_equals_autodiff_of_the_layers(dtype):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=tol, atol=tol)
   assert all(k.dtype == jnp.float32 for k in dk1)
+
+
+def test_model_equals_plain_autodiff_of_the_plain_model(monkeypatch):
+  """The loss and gradients of the model with its written-out pieces (the attention's and the
+  projections' gradients, the rotary tables as constants) against the same model built from the
+  plain pieces and differentiated by JAX: jax's XLA attention, the nnx layers, the tables
+  computed in the program. T = 20 in 4 blocks of 5 queries."""
+  cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=32, attention_chunks=4)
+  params = model.init_params(cfg, jax.random.key(0))
+  batch = jax.random.randint(jax.random.key(1), (2, 21), 0, 40)
+  value_and_grad = lambda: jax.jit(jax.value_and_grad(lambda p: model.loss_fn(cfg, p, batch)))(
+      params)
+  loss, grads = value_and_grad()
+
+  def rope_in_program(seq_len, head_dim, theta):
+    half = head_dim // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.arange(seq_len)[:, None].astype(jnp.float32) * freqs[None, :]
+    return jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+
+  monkeypatch.setattr(model, "_rope_tables", rope_in_program)
+  monkeypatch.setattr(model, "_project", lambda h, layers: [layer(h) for layer in layers])
+  monkeypatch.setattr(model, "causal_attention", lambda q, k, v, chunks:
+                      jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"))
+  plain_loss, plain_grads = value_and_grad()
+  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+
+
+def test_projections_under_shard_map_data_parallel_gradient():
+  """Under `shard_map` with the batch split over a mesh axis and the parameters replicated, the
+  written-out projections' gradient is summed over that axis (`_vary_alike`): the gradient of
+  the mean loss equals one device's on the whole batch."""
+  from jax.sharding import PartitionSpec as P
+  cfg = model.model_config("cpu-tiny", vocab_size=40, max_seq_len=16)
+  params = model.init_params(cfg, jax.random.key(0))
+  batch = jax.random.randint(jax.random.key(1), (4, 9), 0, 40)
+  mesh = jax.make_mesh((2,), ("data",))
+
+  def per_device(p, b):
+    assert model._varying_axes(b) == {"data"} and not model._varying_axes(p["embed"]["embedding"])
+    return jax.grad(lambda p: jax.lax.pmean(model.loss_fn(cfg, p, b), "data"))(p)
+
+  on = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")),
+                                  out_specs=P()))(on(params, P()), on(batch, P("data")))
+  whole = jax.jit(jax.grad(lambda p: model.loss_fn(cfg, p, batch)))(params)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(whole)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
 
 
 def test_rope_tables_are_constants_with_the_in_program_values():
