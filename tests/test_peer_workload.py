@@ -43,3 +43,20 @@ def test_kernel_categories():
   swiglu = "jit(train_step)/vmap(transpose(jvp(vmap(jvp(swiglu)))))/checkpoint/jit(silu)"
   assert cat("copy_bitcast_fusion.20", swiglu).startswith("copies")
   assert cat("add_divide_fusion.3", swiglu + "/div").startswith("other")
+
+
+def test_ab_commits_imports_the_package_at_a_revision(tmp_path):
+  """benchmarks/ab_commits.py: lsgd_jax at a git revision, renamed, beside the working tree's."""
+  import importlib
+  import pytest
+  import subprocess
+  if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
+    pytest.skip("not a git checkout")
+  from benchmarks import ab_commits
+  pkg = ab_commits.package_at("HEAD", str(tmp_path), name="lsgd_at_head")
+  old = importlib.import_module("lsgd_at_head.model")
+  assert old.__file__.startswith(str(tmp_path)) and old is not model
+  assert "lsgd_jax" not in (tmp_path / "lsgd_at_head" / "local_sgd.py").read_text()
+  assert old.model_config("cpu-tiny", vocab_size=10).d_model == model.model_config(
+      "cpu-tiny", vocab_size=10).d_model
+  assert pkg.__name__ == "lsgd_at_head"
