@@ -22,10 +22,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
-import pathlib  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from types import ModuleType  # noqa: E402
@@ -35,9 +32,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
 import lsgd_jax  # noqa: E402
 
 _BASE = flags.DEFINE_string("base", "HEAD", "Git revision to compare the working tree with.")
@@ -49,23 +46,6 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Steps per repetition (whole rounds o
 _OUT = flags.DEFINE_string("out", "benchmarks/results/ab_commits.json", "JSON output.")
 
 K, H, GLOBAL_BATCH, VOCAB = 8, 10, 16, 1024
-
-
-def package_at(revision: str, dest: str, name: str = "lsgd_base") -> ModuleType:
-  """`lsgd_jax` as it was at `revision`, imported as `name` from `dest`."""
-  archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "lsgd_jax"],
-                           check=True, capture_output=True).stdout
-  with tempfile.TemporaryFile() as f:
-    f.write(archive)
-    f.seek(0)
-    with tarfile.open(fileobj=f) as tar:
-      tar.extractall(dest, filter="data")
-  pkg = pathlib.Path(dest) / name
-  (pathlib.Path(dest) / "lsgd_jax").rename(pkg)
-  for path in pkg.rglob("*.py"):
-    path.write_text(path.read_text().replace("lsgd_jax", name))
-  sys.path.insert(0, dest)
-  return importlib.import_module(name)
 
 
 def round_runner(pkg: ModuleType, tokens: np.ndarray):
@@ -103,7 +83,7 @@ def main(_):
   tokens = np.random.default_rng(0).integers(
       0, VOCAB, (K, GLOBAL_BATCH // K, _SEQ.value + 1)).astype(np.int32)
   with tempfile.TemporaryDirectory() as tmp:
-    runs = {"base": round_runner(package_at(_BASE.value, tmp), tokens),
+    runs = {"base": round_runner(common.package_at(_BASE.value, tmp), tokens),
             "tree": round_runner(lsgd_jax, tokens)}
     for name, run in runs.items():
       run(H)  # compile and warm up

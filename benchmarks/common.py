@@ -7,11 +7,17 @@ import collections
 import dataclasses
 import glob
 import gzip
+import importlib
 import json
 import os
+import pathlib
 import re
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
+from types import ModuleType
 from typing import Any, Callable
 
 import jax
@@ -218,3 +224,23 @@ def kernel_table(path: str, steps: int = 1, top: int = 25) -> str:
   out.append("timelines:")
   out += ["  " + line for line in lines]
   return "\n".join(out)
+
+
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def package_at(revision: str, dest: str, name: str = "lsgd_base") -> ModuleType:
+  """`lsgd_jax` as it was at `revision`, imported as `name` from `dest`."""
+  archive = subprocess.run(["git", "-C", str(_ROOT), "archive", revision, "lsgd_jax"],
+                           check=True, capture_output=True).stdout
+  with tempfile.TemporaryFile() as f:
+    f.write(archive)
+    f.seek(0)
+    with tarfile.open(fileobj=f) as tar:
+      tar.extractall(dest, filter="data")
+  pkg = pathlib.Path(dest) / name
+  (pathlib.Path(dest) / "lsgd_jax").rename(pkg)
+  for path in pkg.rglob("*.py"):
+    path.write_text(path.read_text().replace("lsgd_jax", name))
+  sys.path.insert(0, dest)
+  return importlib.import_module(name)

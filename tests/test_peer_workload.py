@@ -46,14 +46,14 @@ def test_kernel_categories():
 
 
 def test_ab_commits_imports_the_package_at_a_revision(tmp_path):
-  """benchmarks/ab_commits.py: lsgd_jax at a git revision, renamed, beside the working tree's."""
+  """common.package_at (benchmarks/ab_commits.py): lsgd_jax at a git revision, renamed, beside
+  the working tree's."""
   import importlib
   import pytest
   import subprocess
   if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
     pytest.skip("not a git checkout")
-  from benchmarks import ab_commits
-  pkg = ab_commits.package_at("HEAD", str(tmp_path), name="lsgd_at_head")
+  pkg = common.package_at("HEAD", str(tmp_path), name="lsgd_at_head")
   old = importlib.import_module("lsgd_at_head.model")
   assert old.__file__.startswith(str(tmp_path)) and old is not model
   assert "lsgd_jax" not in (tmp_path / "lsgd_at_head" / "local_sgd.py").read_text()
