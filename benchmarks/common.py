@@ -228,16 +228,43 @@ def kernel_table(path: str, steps: int = 1, top: int = 25) -> str:
 
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# The issue-11 workload as the trainer's command line (with `--workdir` and `--config.train.steps`
+# added; 8 fake CPU devices from XLA_FLAGS): configs/tiny.py with cpu-base, a 1,024-token
+# sentencepiece vocabulary, sequence 256, 16 sequences per step, K = 8, H = 10, no evaluation.
+TRAINER_WORKLOAD = ["--config=configs/tiny.py", "--config.model.size=cpu-base",
+                    "--config.data.tokenizer=sentencepiece", "--config.data.vocab_size=1024",
+                    "--config.data.seq_len=256", "--config.model.max_seq_len=256",
+                    "--config.train.global_batch=16", "--config.local_sgd.sync_every=10",
+                    "--config.train.eval_every=0", "--config.train.eval_batches=0"]
 
-def package_at(revision: str, dest: str, name: str = "lsgd_base") -> ModuleType:
-  """`lsgd_jax` as it was at `revision`, imported as `name` from `dest`."""
-  archive = subprocess.run(["git", "-C", str(_ROOT), "archive", revision, "lsgd_jax"],
+
+def steady_tokens_per_sec(records: list[dict], steps: int, sync_every: int) -> float:
+  """The median tokens/s of a trainer's metrics.jsonl `records` over the log intervals after
+  step 2 H (compilation; the checkpoint at the first outer sync) and before step `steps` (the
+  final save)."""
+  values = [r["tokens_per_sec"] for r in records
+            if "tokens_per_sec" in r and 2 * sync_every < r.get("step", 0) < steps]
+  if not values:
+    raise ValueError(f"no log record between step {2 * sync_every} and step {steps} (both "
+                     "excluded): give more steps or log more often")
+  return float(np.median(values))
+
+
+def unpack(revision: str, dest: str, *paths: str) -> str:
+  """The project's files at git `revision` (all, or those under `paths`) into `dest`."""
+  archive = subprocess.run(["git", "-C", str(_ROOT), "archive", revision, *paths],
                            check=True, capture_output=True).stdout
   with tempfile.TemporaryFile() as f:
     f.write(archive)
     f.seek(0)
     with tarfile.open(fileobj=f) as tar:
       tar.extractall(dest, filter="data")
+  return dest
+
+
+def package_at(revision: str, dest: str, name: str = "lsgd_base") -> ModuleType:
+  """`lsgd_jax` as it was at `revision`, imported as `name` from `dest`."""
+  unpack(revision, dest, "lsgd_jax")
   pkg = pathlib.Path(dest) / name
   (pathlib.Path(dest) / "lsgd_jax").rename(pkg)
   for path in pkg.rglob("*.py"):

@@ -28,6 +28,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks import common
+
 _STEPS = flags.DEFINE_integer("steps", 50, "Training steps (a multiple of H = 10).")
 _EVERY = flags.DEFINE_float("every", 0.1, "Seconds between RSS samples.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_memory.json", "JSON output.")
@@ -35,11 +37,7 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "First print the state's and 
                                "program's planned bytes (built in this process).")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOAD = ["--config=configs/tiny.py", "--config.model.size=cpu-base",
-            "--config.data.tokenizer=sentencepiece", "--config.data.vocab_size=1024",
-            "--config.data.seq_len=256", "--config.model.max_seq_len=256",
-            "--config.train.global_batch=16", "--config.local_sgd.sync_every=10",
-            "--config.train.eval_every=0", "--config.train.eval_batches=0"]
+WORKLOAD = common.TRAINER_WORKLOAD
 GIB = 2.0 ** 30
 
 

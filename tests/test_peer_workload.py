@@ -4,6 +4,8 @@ the kernel categories of its profile."""
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -60,3 +62,50 @@ def test_ab_commits_imports_the_package_at_a_revision(tmp_path):
   assert old.model_config("cpu-tiny", vocab_size=10).d_model == model.model_config(
       "cpu-tiny", vocab_size=10).d_model
   assert pkg.__name__ == "lsgd_at_head"
+
+
+def test_steady_tokens_per_sec_keeps_the_rounds_without_compile_or_save():
+  """benchmarks/trainer_ab.py reads a run's steady tokens/s from metrics.jsonl: the log intervals
+  after step 2 H and before the last step (by hand: steps 30 and 40 of 50 with H = 10)."""
+  import pytest
+  records = [{"step": 0, "eval_loss": 6.9}, {"step": 10, "tokens_per_sec": 100.0},
+             {"step": 20, "tokens_per_sec": 200.0}, {"step": 30, "tokens_per_sec": 5000.0},
+             {"step": 35, "eval_loss": 5.0}, {"step": 40, "tokens_per_sec": 6000.0},
+             {"step": 50, "tokens_per_sec": 300.0}]
+  assert common.steady_tokens_per_sec(records, steps=50, sync_every=10) == 5500.0
+  assert common.steady_tokens_per_sec(records, steps=50, sync_every=5) == 5000.0  # 20, 30, 40
+  with pytest.raises(ValueError, match="no log record between step 20 and step 30"):
+    common.steady_tokens_per_sec(records, steps=30, sync_every=10)
+
+
+def test_unpack_gives_the_tree_at_a_revision(tmp_path):
+  import pytest
+  import subprocess
+  if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
+    pytest.skip("not a git checkout")
+  common.unpack("HEAD", str(tmp_path), "configs")
+  head = subprocess.run(["git", "-C", ROOT, "show", "HEAD:configs/tiny.py"], capture_output=True,
+                        text=True, check=True).stdout
+  assert (tmp_path / "configs" / "tiny.py").read_text() == head
+  assert not (tmp_path / "lsgd_jax").exists()
+
+
+@pytest.mark.slow
+def test_trainer_ab_end_to_end(tmp_path):
+  """The trainer at HEAD against the working tree on a tiny model (~1 min)."""
+  import json
+  import subprocess
+  out = tmp_path / "ab.json"
+  cmd = [sys.executable, "-m", "benchmarks.trainer_ab", "--base=HEAD", "--reps=1", "--steps=40",
+         f"--out={out}", "--", "--config.model.size=cpu-tiny", "--config.data.seq_len=64",
+         "--config.model.max_seq_len=64", "--config.data.tokenizer=byte"]
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert set(result["tokens_per_sec"]) == {"base", "tree"}
+  for runs in result["runs"].values():
+    steps = [r["step"] for r in runs[0]["records"] if "tokens_per_sec" in r]
+    assert steps == [10, 20, 30, 40]
+    assert runs[0]["tokens_per_sec"] == next(r["tokens_per_sec"] for r in runs[0]["records"]
+                                             if r["step"] == 30)
+  assert result["ratio"] > 0

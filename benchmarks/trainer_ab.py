@@ -1,0 +1,92 @@
+"""The issue-11 command as the trainer at a git revision runs it against the working tree's,
+alternating (issue 11's own measure, "a ratio in one run").
+
+  python -m benchmarks.trainer_ab --base=9b714dc        # ~7 min on 2 cores (3 runs each)
+  python -m benchmarks.trainer_ab --base=HEAD --reps=1   # the machine's noise, ~2 min
+
+`--base`'s whole tree (`git archive`) is unpacked into a temporary folder and its
+`experiments.train` started from there, the working tree's from the project root, in turn,
+`--reps` times each, every run with a fresh workdir, on the issue's workload
+(`common.TRAINER_WORKLOAD`, the command benchmarks/trainer_memory.py runs: configs/tiny.py with
+cpu-base, a 1,024-token sentencepiece vocabulary, sequence 256, 16 sequences per step, K = 8 on
+8 fake CPU devices, H = 10, no evaluation, `--steps` steps), with any arguments after `--`
+added to both command lines.
+
+A run's tokens/s (`common.steady_tokens_per_sec`) is the median of the `tokens_per_sec` its metrics.jsonl records for the log
+intervals after the first two rounds (the first holds the compilations and the second the
+checkpoint written at the first outer sync) and before the last (which holds the final save):
+the steady rounds the progress lines show. Printed and written (`--out`): every run's
+records and steady tokens/s, each side's median, and the ratio working tree / base. Revision
+9b714dc is the project as it was when issue 11 was filed (the issue's table read 3,703-3,894
+tokens/s for it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+import numpy as np
+
+from benchmarks import common
+
+_BASE = flags.DEFINE_string("base", "HEAD", "Git revision to compare the working tree with.")
+_REPS = flags.DEFINE_integer("reps", 3, "Runs of each side, alternating.")
+_STEPS = flags.DEFINE_integer("steps", 50, "Training steps per run (a multiple of H = 10, at "
+                              "least 40 so that one steady round is left).")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_ab.json", "JSON output.")
+
+H = 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_trainer(tree: str, extra: list[str], workdir: str) -> tuple[list[dict], float]:
+  """The issue-11 command from `tree`; returns its metrics.jsonl records and its wall time."""
+  cmd = [sys.executable, "-m", "experiments.train", *common.TRAINER_WORKLOAD,
+         f"--workdir={workdir}", f"--config.train.steps={_STEPS.value}",
+         f"--config.train.log_every={H}", *extra]
+  env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                                     " --xla_force_host_platform_device_count=8").strip()}
+  t0 = time.monotonic()
+  done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+  wall = time.monotonic() - t0
+  if done.returncode:
+    raise RuntimeError(f"the trainer in {tree} failed (exit {done.returncode}):\n"
+                       f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()], wall
+
+
+def main(argv):
+  extra = argv[1:]
+  if _STEPS.value < 4 * H or _STEPS.value % H:
+    raise app.UsageError(f"--steps={_STEPS.value}: give a multiple of H = {H} of at least {4 * H}")
+  if _REPS.value < 1:
+    raise app.UsageError(f"--reps={_REPS.value}: give at least 1")
+  with tempfile.TemporaryDirectory(prefix="lsgd-trainer-ab-") as tmp:
+    trees = {"base": common.unpack(_BASE.value, os.path.join(tmp, "base")), "tree": ROOT}
+    runs = {name: [] for name in trees}
+    for rep in range(_REPS.value):
+      for name, tree in trees.items():
+        workdir = os.path.join(tmp, f"work-{name}-{rep}")
+        records, wall = run_trainer(tree, extra, workdir)
+        tps = common.steady_tokens_per_sec(records, _STEPS.value, H)
+        runs[name].append({"tokens_per_sec": tps, "wall_s": wall, "records": [
+            {k: r[k] for k in ("step", "tokens_per_sec") if k in r} for r in records]})
+        print(f"{name} run {rep + 1}: {tps:,.0f} tokens/s steady, {wall:.0f} s wall", flush=True)
+  median = {n: float(np.median([r["tokens_per_sec"] for r in rs])) for n, rs in runs.items()}
+  result = {"base": _BASE.value, "steps": _STEPS.value, "reps": _REPS.value, "extra_args": extra,
+            "tokens_per_sec": median, "ratio": median["tree"] / median["base"], "runs": runs}
+  print(f"\nthe issue-11 command, {_STEPS.value} steps, median of {_REPS.value} runs each "
+        f"(steady rounds):\n  {_BASE.value}: {median['base']:,.0f} tokens/s\n  working tree: "
+        f"{median['tree']:,.0f} tokens/s\n  ratio: {result['ratio']:.3f}")
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
