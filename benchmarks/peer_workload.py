@@ -25,7 +25,8 @@ each variant's timed steps (fresh pages XLA's per-call buffers fault in; an allo
 with LD_PRELOAD changes them, docs/benchmarks.md). `--size` / `--seq_len` run the same workload
 at another model or sequence length (e.g. the attention block rule's measurements);
 `--library_fusion` compiles the steps with the trainer's `train.library_fusion` setting (auto:
-as the trainer; several values: variants). `--profile` adds where one step's time goes (a
+as the trainer; several values: variants); `--compile_options` adds variants compiled with one
+more XLA option each. `--profile` adds where one step's time goes (a
 jax.profiler trace of the local SGD step on one device, whose kernels are not preempted by other
 devices' threads, grouped into matmuls, attention, optimizer, copies and other elementwise work).
 Writes JSON (`--out`).
@@ -68,6 +69,10 @@ _CHUNKS = flags.DEFINE_list("attention_chunks", ["0"], "Query blocks of the caus
 _FUSION = flags.DEFINE_list("library_fusion", ["auto"], "What XLA:CPU hands YNNPACK "
                             "(train.library_fusion: auto, dot, xla); several values are "
                             "measured as variants, interleaved.")
+_OPTIONS = flags.DEFINE_list("compile_options", [], "Extra XLA compile options, each KEY=VALUE "
+                             "(e.g. xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED): "
+                             "each one a variant on top of the trainer's options, measured "
+                             "interleaved with the trainer's options alone.")
 _SIZE = flags.DEFINE_string("size", "cpu-base", "Model preset (the workload's: cpu-base).")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence (the workload's: 256).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/peer_workload.json", "JSON output.")
@@ -89,16 +94,22 @@ def main(_):
 
   runs, memory = {}, {}
   fusions = _FUSION.value
-  for devices, algorithm, chunks, fusion in itertools.product(
-      map(int, _DEVICES.value), _ALGORITHMS.value, chunk_values, fusions):
+  extras = [""] + _OPTIONS.value
+  for option in _OPTIONS.value:
+    if "=" not in option:
+      raise app.UsageError(f"--compile_options: {option!r} is not KEY=VALUE")
+  for devices, algorithm, chunks, fusion, extra in itertools.product(
+      map(int, _DEVICES.value), _ALGORITHMS.value, chunk_values, fusions, extras):
     layout = mesh.make_layout(K, devices)
     loss = functools.partial(model.loss_fn, cfgs[chunks])
     init = functools.partial(model.init_params, cfgs[chunks])
     where = f"{devices} device{'s' * (devices > 1)}" + (  # named by the flag's value (0: auto)
         f", {chunks or 'auto'} attention blocks" if len(chunk_values) > 1 else "") + (
-        f", fusion {fusion}" if len(fusions) > 1 else "")
+        f", fusion {fusion}" if len(fusions) > 1 else "") + (f", +{extra}" if extra else "")
     name = f"{algorithm}, {where}"
     options = rounds.compiler_options(fusion, jax.default_backend(), cfg.d_model)
+    if extra:
+      options = {**options, **dict([extra.split("=", 1)])}
     r = common.mesh_run(layout, algorithm, init, loss, tx, outer, tokens.astype(np.int32),
                         options)
     compiled = r.step.lower(r.state, r.batch).compile()
@@ -157,6 +168,7 @@ def main(_):
                        "global_batch": GLOBAL_BATCH, "vocab": VOCAB, "steps": steps,
                        "reps": _REPS.value, "cpus": os.cpu_count(),
                        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "compile_options": _OPTIONS.value,
                        "library_fusion": {f: rounds.compiler_options(
                            f, jax.default_backend(), cfg.d_model) for f in fusions},
                        **{k: os.environ[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES")

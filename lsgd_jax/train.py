@@ -206,11 +206,12 @@ def _compile(s: Setup, state: local_sgd.TrainState, batch: jax.Array, tag: str):
                              c.local_sgd.cluster_sync_every if hier else c.local_sgd.sync_every,
                              global_steps=c.local_sgd.sync_every if hier else None)
   per_step = rounds.budget or isinstance(s.outer_sync, streaming.Factory)
+  backend, width = jax.default_backend(), s.model_cfg.d_model
+  options = rounds_lib.compiler_options(c.train.library_fusion, backend, width)
   progs = rounds_lib.Programs(
       s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch, rounds,
-      per_call=steps_per_call(c.train.steps_per_call, per_step),
-      options=rounds_lib.compiler_options(c.train.library_fusion, jax.default_backend(),
-                                          s.model_cfg.d_model))
+      per_call=steps_per_call(c.train.steps_per_call, per_step), options=options,
+      one_step_options=rounds_lib.step_options(options, backend, width))
   if hier:
     print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
           f"sync (every {progs.h1} steps)", flush=True)
@@ -451,7 +452,9 @@ def steps_per_call(configured: int, per_step: bool) -> int:
 
   On a CPU the host dispatches every fake device's program for every step and waits for them
   all; a loop over several steps runs them as one program per device (benchmarks/peer_workload.py:
-  1.1-1.3x tokens/s), with the same numbers bit for bit (tests/test_calls.py)."""
+  1.1-1.3x tokens/s), with the same numbers bit for bit (tests/test_calls.py) where both programs
+  have the same XLA options (from width 128 the one-step program has its own scheduler,
+  `rounds.step_options`, and rounds differently)."""
   if per_step:
     return 1
   if configured:

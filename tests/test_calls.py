@@ -69,6 +69,8 @@ def test_scanned_calls_equal_step_by_step(tmp_path, algorithm, monkeypatch):
   step_options = list(given)
   res7, rec7, p7 = _run(tmp_path, "seven", 7, algorithm)
   dot = rounds.compiler_options("auto", "cpu", 64)  # the trainer's step and loop (width 64)
+  # width 64: the one-step program keeps the loop's options (the scheduler from width 128 on)
+  assert rounds.step_options(dot, "cpu", 64) == dot
   assert dot in step_options and dot in given[len(step_options):]
   assert rec1 == rec7
   assert res1["eval_loss"] == res7["eval_loss"] and res1["comm_bytes"] == res7["comm_bytes"]
@@ -95,7 +97,18 @@ def test_library_fusion_options(monkeypatch):
   with pytest.raises(ValueError, match=r"train.library_fusion='dots': allowed 'auto', 'dot', "
                      r"'xla'"):
     rounds.compiler_options("dots", "cpu")
+  memory = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  if rounds._known(tuple(memory.items())):  # pylint: disable=protected-access
+    assert rounds.step_options(dot, "cpu") == rounds.step_options(dot, "cpu", 128) == {
+        **dot, **memory}
+    assert rounds.step_options(None, "cpu", 256) == memory
+  assert rounds.step_options(dot, "cpu", 64) == dot  # small widths: no pages to save
+  assert rounds.step_options(dot, "gpu") == dot and rounds.step_options(None, "tpu") == {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
+  assert rounds.step_options(dot, "cpu") == dot  # the user's flag stands
   monkeypatch.setattr(rounds, "_known", lambda options: False)  # a jaxlib without the option
+  assert rounds.step_options(dot, "cpu") == dot
   assert rounds.compiler_options("auto", "cpu") == {}
   with pytest.raises(ValueError, match=r"train.library_fusion='dot': this jaxlib .* has no XLA "
                      r"option xla_cpu_experimental_ynn_fusion_type; use 'auto' or 'xla'"):
@@ -131,3 +144,34 @@ def test_dot_only_library_fusion_keeps_reductions_in_xla():
   assert _library_fusions(dot) and all("dot" in ops for ops in _library_fusions(dot))
   for a, b in zip(default(*args), dot(*args)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)  # 512 O(1) terms summed in another order
+
+
+def test_memory_optimised_scheduler_gives_the_same_numbers():
+  """rounds.step_options adds XLA:CPU's memory-optimised scheduler to the one-step program (from
+  width 128; here forced at the tests' width with d_model=None): 3 local SGD steps equal the
+  default's up to float rounding (not bit for bit: values 1 ulp apart after one step, which
+  AdamW's normalisation spreads to about half of them by the third)."""
+  import functools  # pylint: disable=import-outside-toplevel
+  from lsgd_jax import local_sgd, mesh, model, optim, rounds  # pylint: disable=import-outside-toplevel
+  memory = (("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"),)
+  if jax.default_backend() != "cpu" or not rounds._known(memory):  # pylint: disable=protected-access
+    pytest.skip("XLA:CPU with the scheduler option only")
+  cfg = model.model_config("cpu-micro", vocab_size=64, max_seq_len=16)
+  tx = optim.inner_optimizer("adamw", learning_rate=1e-2, total_steps=10)
+  layout = mesh.make_layout(4, 4)
+  tokens = np.random.default_rng(0).integers(0, 64, (4, 2, 17)).astype(np.int32)
+  inner = local_sgd.make_train_step(layout, "local_sgd", functools.partial(model.loss_fn, cfg), tx)
+  batch = mesh.put_global(tokens, layout.batch)
+  default = rounds.compiler_options("dot", "cpu")
+  chosen = rounds.step_options(default, "cpu")
+  assert chosen == {**default, **dict(memory)}
+  finals = []
+  for options in (default, chosen):
+    state = local_sgd.init_state(layout, "local_sgd", functools.partial(model.init_params, cfg),
+                                 tx, optim.outer_optimizer("nesterov"), jax.random.key(0))
+    step = jax.jit(inner, donate_argnums=0, compiler_options=options)
+    for _ in range(3):
+      state, _ = step(state, batch)
+    finals.append(jax.tree.leaves(state))
+  for a, b in zip(*finals):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

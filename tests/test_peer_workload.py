@@ -109,3 +109,13 @@ def test_trainer_ab_end_to_end(tmp_path):
     assert runs[0]["tokens_per_sec"] == next(r["tokens_per_sec"] for r in runs[0]["records"]
                                              if r["step"] == 30)
   assert result["ratio"] > 0
+
+
+def test_peer_workload_rejects_a_compile_option_without_a_value():
+  import subprocess
+  done = subprocess.run([sys.executable, "-m", "benchmarks.peer_workload", "--devices=8",
+                         "--compile_options=xla_cpu_scheduler_type", "--out=/dev/null"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0
+  assert "'xla_cpu_scheduler_type' is not KEY=VALUE" in done.stderr + done.stdout
+  assert "Traceback" not in done.stderr
