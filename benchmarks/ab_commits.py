@@ -21,7 +21,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 
 import functools  # noqa: E402
 import importlib  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -108,9 +107,7 @@ def main(_):
     print(f"  {n:5s} {result['tokens_per_sec'][n]:9,.0f} tokens/s")
   print(f"working tree / {_BASE.value}: {result['ratio']:.3f} "
         f"(per repetition {', '.join(f'{r:.3f}' for r in ratios)})")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
+  common.write_json(_OUT.value, result, indent=1)
 
 
 if __name__ == "__main__":

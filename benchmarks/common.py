@@ -238,6 +238,13 @@ TRAINER_WORKLOAD = ["--config=configs/tiny.py", "--config.model.size=cpu-base",
                     "--config.train.eval_every=0", "--config.train.eval_batches=0"]
 
 
+def write_json(path: str, result: Any, indent: int = 2) -> None:
+  """A benchmark's results as JSON at `path`, its folder made if missing."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=indent)
+
+
 def steady_tokens_per_sec(records: list[dict], steps: int, sync_every: int) -> float:
   """The median tokens/s of a trainer's metrics.jsonl `records` over the log intervals after
   step 2 H (compilation; the checkpoint at the first outer sync) and before step `steps` (the

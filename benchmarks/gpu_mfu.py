@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import platform
 import statistics
@@ -302,11 +301,8 @@ def main(argv):
     raise app.UsageError(f"--workers must be whole numbers, got {_WORKERS.value}") from None
   if workers and min(workers) < 1:
     raise app.UsageError(f"--workers must be positive (or empty: DDP alone), got {_WORKERS.value}")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-
   def write(report):
-    with open(_OUT.value, "w") as f:
-      json.dump(report, f, indent=2)
+    common.write_json(_OUT.value, report)
 
   report = run(_SIZES.value, dtype=_DTYPE.value, seq_len=_SEQ.value, batch=_BATCH.value,
                vocab=_VOCAB.value, workers=workers, sync_every=_H.value, steps=_STEPS.value,

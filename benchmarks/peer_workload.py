@@ -43,7 +43,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 
 import functools  # noqa: E402
 import itertools  # noqa: E402
-import json  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
@@ -208,9 +207,7 @@ def main(_):
     for k in largest:
       print(f"  {k['ms_per_step']:8.1f} ms  {100 * k['share']:5.1f}%  {k['kernel']} "
             f"({k['category']})")
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
-import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -104,10 +103,8 @@ def main(argv):
           f"{100 * a['share_of_peak']:.1f}% | {a['wall_seconds']:.1f} | "
           f"{b['tokens_per_sec']:,.0f} | {100 * b['share_of_peak']:.1f}% | "
           f"{b['wall_seconds']:.1f} | {r['loop_over_per_step']:.2f}x |")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump({"algorithm": _ALGORITHM.value, "steps": _STEPS.value, "reps": _REPS.value,
-               "matmul_peak_flops": peak, "rows": rows}, f, indent=2)
+  common.write_json(_OUT.value, {"algorithm": _ALGORITHM.value, "steps": _STEPS.value,
+                                 "reps": _REPS.value, "matmul_peak_flops": peak, "rows": rows})
   print(f"\nwrote {_OUT.value}")
 
 

@@ -20,7 +20,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
 import functools  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -130,12 +129,10 @@ def main(_):
   print()
   for key, v in summary.items():
     print(f"{key}: {v:.4f}")
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump({"config": {"size": _SIZE.value, "seq_len": t, "batch": b, "workers": k,
-                          "steps": steps, "reps": _REPS.value,
-                          "device": jax.devices()[0].device_kind},
-               "rows": rows, "summary": summary, "raw_seconds_per_token": times}, f, indent=2)
+  common.write_json(_OUT.value, {
+      "config": {"size": _SIZE.value, "seq_len": t, "batch": b, "workers": k, "steps": steps,
+                 "reps": _REPS.value, "device": jax.devices()[0].device_kind},
+      "rows": rows, "summary": summary, "raw_seconds_per_token": times})
 
 
 if __name__ == "__main__":

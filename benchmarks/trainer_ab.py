@@ -12,13 +12,13 @@ cpu-base, a 1,024-token sentencepiece vocabulary, sequence 256, 16 sequences per
 8 fake CPU devices, H = 10, no evaluation, `--steps` steps), with any arguments after `--`
 added to both command lines.
 
-A run's tokens/s (`common.steady_tokens_per_sec`) is the median of the `tokens_per_sec` its metrics.jsonl records for the log
-intervals after the first two rounds (the first holds the compilations and the second the
-checkpoint written at the first outer sync) and before the last (which holds the final save):
-the steady rounds the progress lines show. Printed and written (`--out`): every run's
-records and steady tokens/s, each side's median, and the ratio working tree / base. Revision
-9b714dc is the project as it was when issue 11 was filed (the issue's table read 3,703-3,894
-tokens/s for it).
+A run's tokens/s (`common.steady_tokens_per_sec`) is the median of the `tokens_per_sec` its
+metrics.jsonl records for the log intervals after the first two rounds (the first holds the
+compilations and the second the checkpoint written at the first outer sync) and before the last
+(which holds the final save): the steady rounds the progress lines show. Printed and written
+(`--out`): every run's records and steady tokens/s, each side's median, and the ratio working tree /
+base. Revision 9b714dc is the project as it was when issue 11 was filed (the issue's table read
+3,703-3,894 tokens/s for it).
 """
 
 import json
@@ -83,9 +83,7 @@ def main(argv):
   print(f"\nthe issue-11 command, {_STEPS.value} steps, median of {_REPS.value} runs each "
         f"(steady rounds):\n  {_BASE.value}: {median['base']:,.0f} tokens/s\n  working tree: "
         f"{median['tree']:,.0f} tokens/s\n  ratio: {result['ratio']:.3f}")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
+  common.write_json(_OUT.value, result, indent=1)
 
 
 if __name__ == "__main__":

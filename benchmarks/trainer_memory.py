@@ -18,7 +18,6 @@ device's copy (a replicated array is held once per fake device), and the tempora
 for one call of the loop program on one device, times the devices.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -154,11 +153,10 @@ def main(argv):
   if last_round:
     print(f"RSS over the last round: {min(last_round):.2f}-{max(last_round):.2f} GiB")
   print(f"wall {wall:.1f}s; command: {' '.join(cmd[1:])}")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump({"command": cmd[1:], "planned": planned, "max_rss_gib": r_max, "max_at_s": t_max, "wall_s": wall,
-               "last_round_gib": [min(last_round), max(last_round)] if last_round else None,
-               "lines": lines, "samples": samples}, f, indent=1)
+  common.write_json(_OUT.value, {
+      "command": cmd[1:], "planned": planned, "max_rss_gib": r_max, "max_at_s": t_max,
+      "wall_s": wall, "last_round_gib": [min(last_round), max(last_round)] if last_round else None,
+      "lines": lines, "samples": samples}, indent=1)
   print(f"wrote {_OUT.value}")
 
 

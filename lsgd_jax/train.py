@@ -208,10 +208,11 @@ def _compile(s: Setup, state: local_sgd.TrainState, batch: jax.Array, tag: str):
   per_step = rounds.budget or isinstance(s.outer_sync, streaming.Factory)
   backend, width = jax.default_backend(), s.model_cfg.d_model
   options = rounds_lib.compiler_options(c.train.library_fusion, backend, width)
+  per_call = steps_per_call(c.train.steps_per_call, per_step)
   progs = rounds_lib.Programs(
       s.layout, s.train_step, s.outer_sync, s.cluster_sync, state, batch, rounds,
-      per_call=steps_per_call(c.train.steps_per_call, per_step), options=options,
-      one_step_options=rounds_lib.step_options(options, backend, width))
+      per_call=per_call, options=options,
+      one_step_options=rounds_lib.step_options(options, backend, width) if per_call == 1 else None)
   if hier:
     print(f"{tag} hierarchical: {progs.cluster_comm.wire_bytes:,.0f} bytes per device per cluster "
           f"sync (every {progs.h1} steps)", flush=True)
