@@ -3,6 +3,8 @@ alternating (issue 11's own measure, "a ratio in one run").
 
   python -m benchmarks.trainer_ab --base=9b714dc        # ~7 min on 2 cores (3 runs each)
   python -m benchmarks.trainer_ab --base=HEAD --reps=1   # the machine's noise, ~2 min
+  python -m benchmarks.trainer_ab --base= --torch_python=/tmp/torchenv/bin/python \
+      --torch_variants=eager,compile                    # against PyTorch, ~13 min
 
 `--base`'s whole tree (`git archive`) is unpacked into a temporary folder and its
 `experiments.train` started from there, the working tree's from the project root, in turn,
@@ -19,6 +21,12 @@ compilations and the second the checkpoint written at the first outer sync) and 
 (`--out`): every run's records and steady tokens/s, each side's median, and the ratio working tree /
 base. Revision 9b714dc is the project as it was when issue 11 was filed (the issue's table read
 3,703-3,894 tokens/s for it).
+
+`--torch_python`: an interpreter that has torch (not a project dependency; e.g. `python -m venv
+/tmp/torchenv && /tmp/torchenv/bin/pip install torch`) also runs benchmarks/torch_diloco.py, the
+same workload as a PyTorch DiLoCo simulator (one process per worker, one thread each), once per
+`--torch_variants` entry in each turn ("eager", "compile": `torch.compile`), and the ratios
+working tree / each are printed too. `--base=` (empty) leaves the revision out.
 """
 
 import json
@@ -37,6 +45,10 @@ _BASE = flags.DEFINE_string("base", "HEAD", "Git revision to compare the working
 _REPS = flags.DEFINE_integer("reps", 3, "Runs of each side, alternating.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Training steps per run (a multiple of H = 10, at "
                               "least 40 so that one steady round is left).")
+_TORCH = flags.DEFINE_string("torch_python", "", "Interpreter with torch for the PyTorch "
+                             "simulator (benchmarks/torch_diloco.py); empty: not run.")
+_TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["eager"], "PyTorch simulator variants "
+                                    "run in each turn: eager, compile.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_ab.json", "JSON output.")
 
 H = 10
@@ -60,29 +72,69 @@ def run_trainer(tree: str, extra: list[str], workdir: str) -> tuple[list[dict], 
     return [json.loads(line) for line in f if line.strip()], wall
 
 
+TORCH_VARIANTS = {"eager": [], "compile": ["--compile"]}
+
+
+def run_torch(python: str, variant: str, out: str) -> tuple[list[dict], float]:
+  """benchmarks/torch_diloco.py on the issue's workload; returns its records and wall time."""
+  cmd = [python, os.path.join(ROOT, "benchmarks", "torch_diloco.py"), f"--steps={_STEPS.value}",
+         f"--sync_every={H}", f"--out={out}", *TORCH_VARIANTS[variant]]
+  t0 = time.monotonic()
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  wall = time.monotonic() - t0
+  if done.returncode:
+    raise RuntimeError(f"the PyTorch simulator failed (exit {done.returncode}):\n"
+                       f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+  with open(out) as f:
+    return [json.loads(line) for line in f if line.strip()], wall
+
+
 def main(argv):
   extra = argv[1:]
   if _STEPS.value < 4 * H or _STEPS.value % H:
     raise app.UsageError(f"--steps={_STEPS.value}: give a multiple of H = {H} of at least {4 * H}")
   if _REPS.value < 1:
     raise app.UsageError(f"--reps={_REPS.value}: give at least 1")
+  bad = [v for v in _TORCH_VARIANTS.value if v not in TORCH_VARIANTS]
+  if _TORCH.value and (bad or not _TORCH_VARIANTS.value):
+    raise app.UsageError(f"--torch_variants={','.join(_TORCH_VARIANTS.value)}: allowed: "
+                         f"{', '.join(TORCH_VARIANTS)}")
+  if _TORCH.value and extra:
+    raise app.UsageError(f"arguments after -- ({' '.join(extra)}) change the trainer's workload, "
+                         "not the PyTorch simulator's: leave them out with --torch_python")
   with tempfile.TemporaryDirectory(prefix="lsgd-trainer-ab-") as tmp:
-    trees = {"base": common.unpack(_BASE.value, os.path.join(tmp, "base")), "tree": ROOT}
-    runs = {name: [] for name in trees}
+    sides = {"tree": ROOT}
+    if _BASE.value:
+      sides = {"base": common.unpack(_BASE.value, os.path.join(tmp, "base")), **sides}
+    if _TORCH.value:
+      sides.update({f"torch-{v}": v for v in _TORCH_VARIANTS.value})
+    runs = {name: [] for name in sides}
     for rep in range(_REPS.value):
-      for name, tree in trees.items():
+      for name, where in sides.items():
         workdir = os.path.join(tmp, f"work-{name}-{rep}")
-        records, wall = run_trainer(tree, extra, workdir)
+        if name.startswith("torch-"):
+          records, wall = run_torch(_TORCH.value, where, workdir + ".jsonl")
+        else:
+          records, wall = run_trainer(where, extra, workdir)
         tps = common.steady_tokens_per_sec(records, _STEPS.value, H)
         runs[name].append({"tokens_per_sec": tps, "wall_s": wall, "records": [
             {k: r[k] for k in ("step", "tokens_per_sec") if k in r} for r in records]})
         print(f"{name} run {rep + 1}: {tps:,.0f} tokens/s steady, {wall:.0f} s wall", flush=True)
   median = {n: float(np.median([r["tokens_per_sec"] for r in rs])) for n, rs in runs.items()}
+  ratios = {n: median["tree"] / v for n, v in median.items() if n != "tree"}
   result = {"base": _BASE.value, "steps": _STEPS.value, "reps": _REPS.value, "extra_args": extra,
-            "tokens_per_sec": median, "ratio": median["tree"] / median["base"], "runs": runs}
-  print(f"\nthe issue-11 command, {_STEPS.value} steps, median of {_REPS.value} runs each "
-        f"(steady rounds):\n  {_BASE.value}: {median['base']:,.0f} tokens/s\n  working tree: "
-        f"{median['tree']:,.0f} tokens/s\n  ratio: {result['ratio']:.3f}")
+            "torch_python": _TORCH.value, "tokens_per_sec": median,
+            "ratio": ratios.get("base"), "ratios": ratios, "runs": runs}
+  if _TORCH.value:
+    result["torch_version"] = subprocess.run(
+        [_TORCH.value, "-c", "import torch; print(torch.__version__)"],
+        capture_output=True, text=True).stdout.strip()
+  label = {"base": _BASE.value, "tree": "working tree"}
+  print(f"\nthe issue-11 workload, {_STEPS.value} steps, median of {_REPS.value} runs each "
+        "(steady rounds):")
+  for name, v in median.items():
+    ratio = f"   (working tree / this: {ratios[name]:.3f})" if name in ratios else ""
+    print(f"  {label.get(name, name)}: {v:,.0f} tokens/s{ratio}")
   common.write_json(_OUT.value, result, indent=1)
 
 

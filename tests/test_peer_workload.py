@@ -119,3 +119,64 @@ def test_peer_workload_rejects_a_compile_option_without_a_value():
   assert done.returncode != 0
   assert "'xla_cpu_scheduler_type' is not KEY=VALUE" in done.stderr + done.stdout
   assert "Traceback" not in done.stderr
+
+
+_TORCH_CHECK = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from benchmarks import torch_diloco
+from lsgd_jax import model
+cfg = model.model_config("cpu-tiny", vocab_size=97, max_seq_len=32)  # 2 layers, width 64, 4 heads
+params = model.init_params(cfg, jax.random.key(0))
+tokens = np.random.default_rng(0).integers(0, 97, (2, 33))
+loss, grads = jax.value_and_grad(lambda p: model.loss_fn(cfg, p, jnp.asarray(tokens)))(params)
+net = torch_diloco.build_model(torch_diloco.parse_args(
+    ["--layers=2", "--width=64", "--heads=4", "--d_ff=192", "--vocab=97", "--seq_len=32"]))
+pairs = [(net.embed.weight, ("embed", "embedding"), False), (net.norm.scale, ("final_norm", "scale"), False),
+         (net.head.weight, ("head", "kernel"), True)]
+for i, blk in enumerate(net.blocks):
+  pairs += [(blk.norm1.scale, ("blocks", i, "attn_norm", "scale"), False),
+            (blk.norm2.scale, ("blocks", i, "mlp_norm", "scale"), False)]
+  pairs += [(getattr(blk, n).weight, ("blocks", i, n, "kernel"), True)
+            for n in ("q", "k", "v", "o", "gate", "up", "down")]
+def at(tree, path):
+  for k in path:
+    tree = tree[k]
+  return np.asarray(tree)
+with torch.no_grad():
+  for p, path, linear in pairs:  # nnx.Linear's kernel is [d_in, d_out], torch's weight its transpose
+    p.copy_(torch.from_numpy(at(params, path).T.copy() if linear else at(params, path)))
+got = net(torch.from_numpy(tokens))
+got.backward()
+np.testing.assert_allclose(float(got), float(loss), rtol=1e-5)
+for p, path, linear in pairs:
+  g = at(grads, path)
+  np.testing.assert_allclose(p.grad.numpy(), g.T if linear else g, rtol=2e-3, atol=2e-6)
+print("same loss", float(got), float(loss), "and gradients on", len(pairs), "leaves")
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("LSGD_TORCH_PYTHON"),
+                    reason="LSGD_TORCH_PYTHON (an interpreter with torch) not set")
+def test_torch_simulator_is_the_same_model():
+  """benchmarks/torch_diloco.py's PyTorch model computes lsgd-jax's loss and gradients from the
+  same weights (so the comparison in trainer_ab is between equal workloads). Needs torch, which
+  the project does not depend on: run with LSGD_TORCH_PYTHON=/path/to/python."""
+  import subprocess
+  done = subprocess.run([os.environ["LSGD_TORCH_PYTHON"], "-c", _TORCH_CHECK, ROOT],
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert "same loss" in done.stdout
+
+
+def test_torch_simulator_rejects_bad_arguments(capsys):
+  """Its flags are read without torch (imported only to run), and bad values are named."""
+  from benchmarks import torch_diloco
+  for argv, message in ((["--steps=45"], "--steps=45 is not a multiple of --sync_every=10"),
+                        (["--workers=0"], "--workers=0: give a positive number"),
+                        (["--width=250", "--heads=4"], "--width=250 must split into")):
+    with pytest.raises(SystemExit):
+      torch_diloco.parse_args(argv)
+    assert message in capsys.readouterr().err
+  assert torch_diloco.parse_args([]).workers == 8
