@@ -49,6 +49,8 @@ def parse_args(argv=None):
   p.add_argument("--optimizer", choices=("for-loop", "foreach", "fused"), default="fused",
                  help="torch AdamW implementation")
   p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+  p.add_argument("--profile", action="store_true",
+                 help="print worker 0's torch.profiler table for the last round's inner steps")
   p.add_argument("--port", type=int, default=0, help="gloo rendezvous port (0: a free one)")
   p.add_argument("--out", default="", help="JSON lines output (default: stdout)")
   args = p.parse_args(argv)
@@ -158,14 +160,21 @@ def worker(rank, args, port):
   out = open(args.out, "a") if (args.out and rank == 0) else sys.stdout
 
   dist.barrier()
-  t_round = time.perf_counter()
+  t_round, prof = time.perf_counter(), None
   for step in range(1, args.steps + 1):
+    if args.profile and rank == 0 and step == args.steps - args.sync_every + 1:
+      prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+      prof.__enter__()
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)
     loss = step_fn(batch)
     inner.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=args.optimizer != "for-loop")
     inner.step()
+    if prof is not None and step == args.steps:
+      prof.__exit__(None, None, None)
+      print(f"worker 0, the last {args.sync_every} inner steps (self CPU time):\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
     if step % args.sync_every == 0:
       t_sync = time.perf_counter()
       with torch.no_grad():  # pseudo-gradient outer - worker, averaged in one all-reduce

@@ -26,7 +26,10 @@ base. Revision 9b714dc is the project as it was when issue 11 was filed (the iss
 /tmp/torchenv && /tmp/torchenv/bin/pip install torch`) also runs benchmarks/torch_diloco.py, the
 same workload as a PyTorch DiLoCo simulator (one process per worker, one thread each), once per
 `--torch_variants` entry in each turn ("eager", "compile": `torch.compile`), and the ratios
-working tree / each are printed too. `--base=` (empty) leaves the revision out.
+working tree / each are printed too. `--base=` (empty) leaves the revision out. `--workers=K`
+changes K (one device or process per worker, 2 sequences each), `--cpus` pins every run to
+those cores: `--workers=1 --cpus=0` compares one worker on one core, the systems' per-core speed
+without their ways of sharing cores between workers.
 """
 
 import json
@@ -49,6 +52,10 @@ _TORCH = flags.DEFINE_string("torch_python", "", "Interpreter with torch for the
                              "simulator (benchmarks/torch_diloco.py); empty: not run.")
 _TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["eager"], "PyTorch simulator variants "
                                     "run in each turn: eager, compile.")
+_WORKERS = flags.DEFINE_integer("workers", 8, "K: workers (one device each; for the PyTorch "
+                                "simulator one process each), 2 sequences each per step.")
+_CPUS = flags.DEFINE_list("cpus", [], "CPU cores every run is pinned to (os.sched_setaffinity), "
+                          "e.g. 0 for a per-core comparison; empty: all.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_ab.json", "JSON output.")
 
 H = 10
@@ -57,11 +64,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_trainer(tree: str, extra: list[str], workdir: str) -> tuple[list[dict], float]:
   """The issue-11 command from `tree`; returns its metrics.jsonl records and its wall time."""
+  k = _WORKERS.value
   cmd = [sys.executable, "-m", "experiments.train", *common.TRAINER_WORKLOAD,
          f"--workdir={workdir}", f"--config.train.steps={_STEPS.value}",
          f"--config.train.log_every={H}", *extra]
+  if k != 8:
+    cmd += [f"--config.local_sgd.num_workers={k}", f"--config.train.global_batch={2 * k}"]
   env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                                     " --xla_force_host_platform_device_count=8").strip()}
+                                     f" --xla_force_host_platform_device_count={k}").strip()}
   t0 = time.monotonic()
   done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
   wall = time.monotonic() - t0
@@ -78,7 +88,8 @@ TORCH_VARIANTS = {"eager": [], "compile": ["--compile"]}
 def run_torch(python: str, variant: str, out: str) -> tuple[list[dict], float]:
   """benchmarks/torch_diloco.py on the issue's workload; returns its records and wall time."""
   cmd = [python, os.path.join(ROOT, "benchmarks", "torch_diloco.py"), f"--steps={_STEPS.value}",
-         f"--sync_every={H}", f"--out={out}", *TORCH_VARIANTS[variant]]
+         f"--sync_every={H}", f"--workers={_WORKERS.value}", f"--out={out}",
+         *TORCH_VARIANTS[variant]]
   t0 = time.monotonic()
   done = subprocess.run(cmd, capture_output=True, text=True)
   wall = time.monotonic() - t0
@@ -102,6 +113,14 @@ def main(argv):
   if _TORCH.value and extra:
     raise app.UsageError(f"arguments after -- ({' '.join(extra)}) change the trainer's workload, "
                          "not the PyTorch simulator's: leave them out with --torch_python")
+  if _WORKERS.value < 1:
+    raise app.UsageError(f"--workers={_WORKERS.value}: give at least 1")
+  if _CPUS.value:
+    try:
+      os.sched_setaffinity(0, {int(c) for c in _CPUS.value})  # inherited by every run
+    except (ValueError, OSError) as e:
+      raise app.UsageError(f"--cpus={','.join(_CPUS.value)}: not cores of this machine "
+                           f"(allowed: {sorted(os.sched_getaffinity(0))}): {e}") from None
   with tempfile.TemporaryDirectory(prefix="lsgd-trainer-ab-") as tmp:
     sides = {"tree": ROOT}
     if _BASE.value:
@@ -123,6 +142,7 @@ def main(argv):
   median = {n: float(np.median([r["tokens_per_sec"] for r in rs])) for n, rs in runs.items()}
   ratios = {n: median["tree"] / v for n, v in median.items() if n != "tree"}
   result = {"base": _BASE.value, "steps": _STEPS.value, "reps": _REPS.value, "extra_args": extra,
+            "workers": _WORKERS.value, "cpus": _CPUS.value,
             "torch_python": _TORCH.value, "tokens_per_sec": median,
             "ratio": ratios.get("base"), "ratios": ratios, "runs": runs}
   if _TORCH.value:
@@ -130,8 +150,9 @@ def main(argv):
         [_TORCH.value, "-c", "import torch; print(torch.__version__)"],
         capture_output=True, text=True).stdout.strip()
   label = {"base": _BASE.value, "tree": "working tree"}
-  print(f"\nthe issue-11 workload, {_STEPS.value} steps, median of {_REPS.value} runs each "
-        "(steady rounds):")
+  cores = f", cores {','.join(_CPUS.value)}" if _CPUS.value else ""
+  print(f"\nthe issue-11 workload (K = {_WORKERS.value}{cores}), {_STEPS.value} steps, median of "
+        f"{_REPS.value} runs each (steady rounds):")
   for name, v in median.items():
     ratio = f"   (working tree / this: {ratios[name]:.3f})" if name in ratios else ""
     print(f"  {label.get(name, name)}: {v:,.0f} tokens/s{ratio}")

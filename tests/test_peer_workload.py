@@ -92,17 +92,18 @@ def test_unpack_gives_the_tree_at_a_revision(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_ab_end_to_end(tmp_path):
-  """The trainer at HEAD against the working tree on a tiny model (~1 min)."""
+  """The trainer at HEAD against the working tree on a tiny model, 2 workers (~30 s)."""
   import json
   import subprocess
   out = tmp_path / "ab.json"
   cmd = [sys.executable, "-m", "benchmarks.trainer_ab", "--base=HEAD", "--reps=1", "--steps=40",
-         f"--out={out}", "--", "--config.model.size=cpu-tiny", "--config.data.seq_len=64",
+         "--workers=2", f"--out={out}", "--", "--config.model.size=cpu-tiny", "--config.data.seq_len=64",
          "--config.model.max_seq_len=64", "--config.data.tokenizer=byte"]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   result = json.loads(out.read_text())
   assert set(result["tokens_per_sec"]) == {"base", "tree"}
+  assert result["workers"] == 2 and set(result["ratios"]) == {"base"}
   for runs in result["runs"].values():
     steps = [r["step"] for r in runs[0]["records"] if "tokens_per_sec" in r]
     assert steps == [10, 20, 30, 40]
