@@ -29,7 +29,9 @@ same workload as a PyTorch DiLoCo simulator (one process per worker, one thread 
 working tree / each are printed too. `--base=` (empty) leaves the revision out. `--workers=K`
 changes K (one device or process per worker, 2 sequences each), `--cpus` pins every run to
 those cores: `--workers=1 --cpus=0` compares one worker on one core, the systems' per-core speed
-without their ways of sharing cores between workers.
+without their ways of sharing cores between workers. `--size`, `--seq_len`,
+`--batch_per_worker`, `--tokenizer`, `--devices` change the workload on both sides (the CPU
+study's: `--size=cpu-1 --seq_len=64 --batch_per_worker=2 --tokenizer=byte --devices=2`).
 """
 
 import json
@@ -43,6 +45,7 @@ from absl import app, flags
 import numpy as np
 
 from benchmarks import common
+from lsgd_jax import model
 
 _BASE = flags.DEFINE_string("base", "HEAD", "Git revision to compare the working tree with.")
 _REPS = flags.DEFINE_integer("reps", 3, "Runs of each side, alternating.")
@@ -52,8 +55,16 @@ _TORCH = flags.DEFINE_string("torch_python", "", "Interpreter with torch for the
                              "simulator (benchmarks/torch_diloco.py); empty: not run.")
 _TORCH_VARIANTS = flags.DEFINE_list("torch_variants", ["eager"], "PyTorch simulator variants "
                                     "run in each turn: eager, compile.")
-_WORKERS = flags.DEFINE_integer("workers", 8, "K: workers (one device each; for the PyTorch "
-                                "simulator one process each), 2 sequences each per step.")
+_WORKERS = flags.DEFINE_integer("workers", 8, "K: workers (for the PyTorch simulator one "
+                                "process each).")
+_SIZE = flags.DEFINE_string("size", "cpu-base", "Model preset (lsgd_jax/model.py PRESETS).")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+_BATCH = flags.DEFINE_integer("batch_per_worker", 2, "Sequences per worker per step.")
+_TOKENIZER = flags.DEFINE_enum("tokenizer", "sentencepiece", ["sentencepiece", "byte"],
+                               "The trainer's tokenizer: sentencepiece (1,024 tokens, the issue's) "
+                               "or byte (257, the CPU study's); the simulator's vocabulary follows.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Fake CPU devices the trainer's K workers are "
+                                "spread over (0: K, one each; the CPU study runs 8 on 2).")
 _CPUS = flags.DEFINE_list("cpus", [], "CPU cores every run is pinned to (os.sched_setaffinity), "
                           "e.g. 0 for a per-core comparison; empty: all.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/trainer_ab.json", "JSON output.")
@@ -65,13 +76,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_trainer(tree: str, extra: list[str], workdir: str) -> tuple[list[dict], float]:
   """The issue-11 command from `tree`; returns its metrics.jsonl records and its wall time."""
   k = _WORKERS.value
+  devices = _DEVICES.value or k
   cmd = [sys.executable, "-m", "experiments.train", *common.TRAINER_WORKLOAD,
          f"--workdir={workdir}", f"--config.train.steps={_STEPS.value}",
-         f"--config.train.log_every={H}", *extra]
-  if k != 8:
-    cmd += [f"--config.local_sgd.num_workers={k}", f"--config.train.global_batch={2 * k}"]
+         f"--config.train.log_every={H}"]
+  workload = {"model.size": _SIZE.value, "data.seq_len": _SEQ.value,
+              "model.max_seq_len": _SEQ.value, "local_sgd.num_workers": k,
+              "train.global_batch": k * _BATCH.value, "data.tokenizer": _TOKENIZER.value,
+              "mesh.num_devices": devices}
+  cmd += [f"--config.{key}={value}" for key, value in workload.items()  # later flags win
+          if f"--config.{key}={value}" not in common.TRAINER_WORKLOAD] + extra
   env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                                     f" --xla_force_host_platform_device_count={k}").strip()}
+                                     f" --xla_force_host_platform_device_count={devices}").strip()}
   t0 = time.monotonic()
   done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
   wall = time.monotonic() - t0
@@ -85,11 +101,19 @@ def run_trainer(tree: str, extra: list[str], workdir: str) -> tuple[list[dict], 
 TORCH_VARIANTS = {"eager": [], "compile": ["--compile"]}
 
 
+def torch_model_args() -> list[str]:
+  """benchmarks/torch_diloco.py's flags for the trainer's workload (`--size`, `--seq_len`, ...)."""
+  layers, width, heads, d_ff = model.PRESETS[_SIZE.value]
+  vocab = 1024 if _TOKENIZER.value == "sentencepiece" else 257
+  return [f"--layers={layers}", f"--width={width}", f"--heads={heads}", f"--d_ff={d_ff}",
+          f"--vocab={vocab}", f"--seq_len={_SEQ.value}", f"--batch={_BATCH.value}"]
+
+
 def run_torch(python: str, variant: str, out: str) -> tuple[list[dict], float]:
   """benchmarks/torch_diloco.py on the issue's workload; returns its records and wall time."""
   cmd = [python, os.path.join(ROOT, "benchmarks", "torch_diloco.py"), f"--steps={_STEPS.value}",
          f"--sync_every={H}", f"--workers={_WORKERS.value}", f"--out={out}",
-         *TORCH_VARIANTS[variant]]
+         *torch_model_args(), *TORCH_VARIANTS[variant]]
   t0 = time.monotonic()
   done = subprocess.run(cmd, capture_output=True, text=True)
   wall = time.monotonic() - t0
@@ -115,6 +139,14 @@ def main(argv):
                          "not the PyTorch simulator's: leave them out with --torch_python")
   if _WORKERS.value < 1:
     raise app.UsageError(f"--workers={_WORKERS.value}: give at least 1")
+  if _SIZE.value not in model.PRESETS:
+    raise app.UsageError(f"--size={_SIZE.value}: allowed: {', '.join(model.PRESETS)}")
+  if _SEQ.value < 2 or _BATCH.value < 1:
+    raise app.UsageError(f"--seq_len={_SEQ.value}, --batch_per_worker={_BATCH.value}: give a "
+                         "sequence of at least 2 tokens and at least 1 sequence")
+  if _DEVICES.value < 0 or (_DEVICES.value and _WORKERS.value % _DEVICES.value):
+    raise app.UsageError(f"--devices={_DEVICES.value}: give 0 (one per worker) or a divisor of "
+                         f"--workers={_WORKERS.value}")
   if _CPUS.value:
     try:
       os.sched_setaffinity(0, {int(c) for c in _CPUS.value})  # inherited by every run
@@ -142,7 +174,9 @@ def main(argv):
   median = {n: float(np.median([r["tokens_per_sec"] for r in rs])) for n, rs in runs.items()}
   ratios = {n: median["tree"] / v for n, v in median.items() if n != "tree"}
   result = {"base": _BASE.value, "steps": _STEPS.value, "reps": _REPS.value, "extra_args": extra,
-            "workers": _WORKERS.value, "cpus": _CPUS.value,
+            "workers": _WORKERS.value, "cpus": _CPUS.value, "size": _SIZE.value,
+            "seq_len": _SEQ.value, "batch_per_worker": _BATCH.value,
+            "tokenizer": _TOKENIZER.value, "devices": _DEVICES.value or _WORKERS.value,
             "torch_python": _TORCH.value, "tokens_per_sec": median,
             "ratio": ratios.get("base"), "ratios": ratios, "runs": runs}
   if _TORCH.value:
@@ -151,8 +185,9 @@ def main(argv):
         capture_output=True, text=True).stdout.strip()
   label = {"base": _BASE.value, "tree": "working tree"}
   cores = f", cores {','.join(_CPUS.value)}" if _CPUS.value else ""
-  print(f"\nthe issue-11 workload (K = {_WORKERS.value}{cores}), {_STEPS.value} steps, median of "
-        f"{_REPS.value} runs each (steady rounds):")
+  print(f"\n{_SIZE.value}, {_SEQ.value} tokens x {_BATCH.value} sequences per worker, "
+        f"K = {_WORKERS.value} on {_DEVICES.value or _WORKERS.value} devices{cores}, "
+        f"{_STEPS.value} steps, median of {_REPS.value} runs each (steady rounds):")
   for name, v in median.items():
     ratio = f"   (working tree / this: {ratios[name]:.3f})" if name in ratios else ""
     print(f"  {label.get(name, name)}: {v:,.0f} tokens/s{ratio}")

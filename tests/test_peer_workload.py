@@ -181,3 +181,12 @@ def test_torch_simulator_rejects_bad_arguments(capsys):
       torch_diloco.parse_args(argv)
     assert message in capsys.readouterr().err
   assert torch_diloco.parse_args([]).workers == 8
+
+
+def test_trainer_ab_rejects_a_device_count_that_does_not_divide_the_workers():
+  import subprocess
+  done = subprocess.run([sys.executable, "-m", "benchmarks.trainer_ab", "--base=", "--devices=3",
+                         "--out=/dev/null"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode != 0
+  assert "--devices=3: give 0 (one per worker) or a divisor of --workers=8" in done.stderr
+  assert "Traceback" not in done.stderr
