@@ -134,6 +134,16 @@ def main(argv):
   if _TORCH.value and (bad or not _TORCH_VARIANTS.value):
     raise app.UsageError(f"--torch_variants={','.join(_TORCH_VARIANTS.value)}: allowed: "
                          f"{', '.join(TORCH_VARIANTS)}")
+  if _TORCH.value:
+    try:
+      found = subprocess.run([_TORCH.value, "-c", "import torch"], capture_output=True, text=True)
+      why = (found.stderr.strip().splitlines() or [""])[-1] if found.returncode else ""
+    except OSError as e:  # no such file, not executable
+      why = str(e)
+    if why:
+      raise app.UsageError(f"--torch_python={_TORCH.value}: cannot import torch there ({why}); "
+                           "make one with `python -m venv --system-site-packages /tmp/torchenv && "
+                           "/tmp/torchenv/bin/pip install torch`")
   if _TORCH.value and extra:
     raise app.UsageError(f"arguments after -- ({' '.join(extra)}) change the trainer's workload, "
                          "not the PyTorch simulator's: leave them out with --torch_python")

@@ -183,10 +183,15 @@ def test_torch_simulator_rejects_bad_arguments(capsys):
   assert torch_diloco.parse_args([]).workers == 8
 
 
-def test_trainer_ab_rejects_a_device_count_that_does_not_divide_the_workers():
+@pytest.mark.parametrize("flag, message", [
+    ("--devices=3", "--devices=3: give 0 (one per worker) or a divisor of --workers=8"),
+    ("--torch_python=/nonexistent/python", "--torch_python=/nonexistent/python: cannot import "
+     "torch there ([Errno 2] No such file or directory"),
+])
+def test_trainer_ab_rejects_bad_flags_with_a_message(flag, message):
   import subprocess
-  done = subprocess.run([sys.executable, "-m", "benchmarks.trainer_ab", "--base=", "--devices=3",
+  done = subprocess.run([sys.executable, "-m", "benchmarks.trainer_ab", "--base=", flag,
                          "--out=/dev/null"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0
-  assert "--devices=3: give 0 (one per worker) or a divisor of --workers=8" in done.stderr
+  assert message in done.stderr
   assert "Traceback" not in done.stderr
