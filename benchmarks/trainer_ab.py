@@ -23,15 +23,18 @@ base. Revision 9b714dc is the project as it was when issue 11 was filed (the iss
 3,703-3,894 tokens/s for it).
 
 `--torch_python`: an interpreter that has torch (not a project dependency; e.g. `python -m venv
-/tmp/torchenv && /tmp/torchenv/bin/pip install torch`) also runs benchmarks/torch_diloco.py, the
-same workload as a PyTorch DiLoCo simulator (one process per worker, one thread each), once per
-`--torch_variants` entry in each turn ("eager", "compile": `torch.compile`), and the ratios
-working tree / each are printed too. `--base=` (empty) leaves the revision out. `--workers=K`
-changes K (one device or process per worker, 2 sequences each), `--cpus` pins every run to
-those cores: `--workers=1 --cpus=0` compares one worker on one core, the systems' per-core speed
-without their ways of sharing cores between workers. `--size`, `--seq_len`,
-`--batch_per_worker`, `--tokenizer`, `--devices` change the workload on both sides (the CPU
-study's: `--size=cpu-1 --seq_len=64 --batch_per_worker=2 --tokenizer=byte --devices=2`).
+--system-site-packages /tmp/torchenv && /tmp/torchenv/bin/pip install torch`) also runs
+benchmarks/torch_diloco.py, the same workload as a PyTorch DiLoCo simulator (one process per
+worker, one thread each), once per `--torch_variants` entry in each turn ("eager", "compile":
+`torch.compile`), and the ratios working tree / each are printed too. `--base=` (empty) leaves
+the revision out.
+
+The workload's flags apply to both sides: `--workers=K` (the trainer's K workers on K fake
+devices, or on `--devices` of them; PyTorch's in K processes), `--size`, `--seq_len`,
+`--batch_per_worker`, `--tokenizer` (the CPU study's settings: `--size=cpu-1 --seq_len=64
+--batch_per_worker=2 --tokenizer=byte --devices=2`). `--cpus` pins every run to those cores:
+`--workers=1 --cpus=0` compares one worker on one core, the systems' per-core speed without
+their ways of sharing cores between workers.
 """
 
 import json
@@ -82,8 +85,8 @@ def run_trainer(tree: str, extra: list[str], workdir: str) -> tuple[list[dict], 
          f"--config.train.log_every={H}"]
   workload = {"model.size": _SIZE.value, "data.seq_len": _SEQ.value,
               "model.max_seq_len": _SEQ.value, "local_sgd.num_workers": k,
-              "train.global_batch": k * _BATCH.value, "data.tokenizer": _TOKENIZER.value,
-              "mesh.num_devices": devices}
+              "train.global_batch": k * _BATCH.value, "data.tokenizer": _TOKENIZER.value}
+  # the devices: all the fake devices XLA_FLAGS makes (mesh.num_devices 0, configs/tiny.py's)
   cmd += [f"--config.{key}={value}" for key, value in workload.items()  # later flags win
           if f"--config.{key}={value}" not in common.TRAINER_WORKLOAD] + extra
   env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +

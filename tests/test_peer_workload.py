@@ -1,5 +1,6 @@
 """benchmarks/peer_workload.py (its helpers in benchmarks/common.py): the FLOP count it reports and
-the kernel categories of its profile."""
+the kernel categories of its profile; benchmarks/trainer_ab.py and the PyTorch simulator it runs
+(benchmarks/torch_diloco.py): their flags, and that the simulator's model is lsgd-jax's."""
 
 import os
 import sys
