@@ -164,7 +164,7 @@ def worker(rank, args, port):
   for step in range(1, args.steps + 1):
     if args.profile and rank == 0 and step == args.steps - args.sync_every + 1:
       prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-      prof.__enter__()
+      prof.start()
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)
     loss = step_fn(batch)
     inner.zero_grad(set_to_none=True)
@@ -172,7 +172,7 @@ def worker(rank, args, port):
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=args.optimizer != "for-loop")
     inner.step()
     if prof is not None and step == args.steps:
-      prof.__exit__(None, None, None)
+      prof.stop()
       print(f"worker 0, the last {args.sync_every} inner steps (self CPU time):\n"
             + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
     if step % args.sync_every == 0:

@@ -172,6 +172,26 @@ def test_torch_simulator_is_the_same_model():
   assert "same loss" in done.stdout
 
 
+@pytest.mark.skipif(not os.environ.get("LSGD_TORCH_PYTHON"),
+                    reason="LSGD_TORCH_PYTHON (an interpreter with torch) not set")
+def test_torch_simulator_runs_rounds_and_logs_them(tmp_path):
+  """Two worker processes, two rounds on a one-layer model: a record per round, in
+  metrics.jsonl's fields, and the loss of random tokens near log(vocab)."""
+  import json
+  import math
+  import subprocess
+  out = tmp_path / "torch.jsonl"
+  done = subprocess.run([os.environ["LSGD_TORCH_PYTHON"], "benchmarks/torch_diloco.py",
+                         "--workers=2", "--steps=4", "--sync_every=2", "--layers=1", "--width=32",
+                         "--heads=2", "--d_ff=64", "--vocab=97", "--seq_len=16", f"--out={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4]
+  assert all(r["tokens_per_sec"] > 0 and r["sync_s"] >= 0 for r in records)
+  assert all(abs(r["loss"] - math.log(97)) < 0.5 for r in records)
+
+
 def test_torch_simulator_rejects_bad_arguments(capsys):
   """Its flags are read without torch (imported only to run), and bad values are named."""
   from benchmarks import torch_diloco
