@@ -28,7 +28,6 @@ from types import ModuleType  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,23 +58,11 @@ def round_runner(pkg: ModuleType, tokens: np.ndarray):
   state = ls.init_state(layout, "local_sgd", functools.partial(m.init_params, cfg), tx, outer,
                         jax.random.key(0))
   step = ls.make_train_step(layout, "local_sgd", functools.partial(m.loss_fn, cfg), tx)
-  sync = ls.make_outer_sync(layout, outer)
-  batch = ms.put_global(tokens, layout.batch)
-  steps = jax.jit(lambda s, b: jax.lax.scan(lambda s, x: step(s, x), s, b), donate_argnums=0,
-                  compiler_options=rd.compiler_options("auto", jax.default_backend(),
-                                                       cfg.d_model) or None)
-  stacked = jax.sharding.NamedSharding(
-      batch.sharding.mesh, jax.sharding.PartitionSpec(None, *batch.sharding.spec))
-  batches = jax.device_put(jnp.broadcast_to(batch, (H,) + batch.shape), stacked)
-  box = [state]
-
-  def run(num_steps: int) -> None:
-    s = box[0]
-    for _ in range(max(num_steps // H, 1)):
-      s = sync(steps(s, batches)[0])[0]
-    box[0] = jax.block_until_ready(s)
-
-  return run
+  options = rd.compiler_options("auto", jax.default_backend(), cfg.d_model)
+  run = common.scanned_round(common.MeshRun(  # package-agnostic: the step and sync are pkg's
+      step=step, sync=ls.make_outer_sync(layout, outer), batch=ms.put_global(tokens, layout.batch),
+      state=state, options=options), H)
+  return lambda num_steps: run.run(max(num_steps // H, 1) * H, H)
 
 
 def main(_):

@@ -52,7 +52,6 @@ def test_ab_commits_imports_the_package_at_a_revision(tmp_path):
   """common.package_at (benchmarks/ab_commits.py): lsgd_jax at a git revision, renamed, beside
   the working tree's."""
   import importlib
-  import pytest
   import subprocess
   if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
     pytest.skip("not a git checkout")
@@ -68,7 +67,6 @@ def test_ab_commits_imports_the_package_at_a_revision(tmp_path):
 def test_steady_tokens_per_sec_keeps_the_rounds_without_compile_or_save():
   """benchmarks/trainer_ab.py reads a run's steady tokens/s from metrics.jsonl: the log intervals
   after step 2 H and before the last step (by hand: steps 30 and 40 of 50 with H = 10)."""
-  import pytest
   records = [{"step": 0, "eval_loss": 6.9}, {"step": 10, "tokens_per_sec": 100.0},
              {"step": 20, "tokens_per_sec": 200.0}, {"step": 30, "tokens_per_sec": 5000.0},
              {"step": 35, "eval_loss": 5.0}, {"step": 40, "tokens_per_sec": 6000.0},
@@ -80,7 +78,6 @@ def test_steady_tokens_per_sec_keeps_the_rounds_without_compile_or_save():
 
 
 def test_unpack_gives_the_tree_at_a_revision(tmp_path):
-  import pytest
   import subprocess
   if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
     pytest.skip("not a git checkout")
@@ -98,13 +95,13 @@ def test_trainer_ab_end_to_end(tmp_path):
   import subprocess
   out = tmp_path / "ab.json"
   cmd = [sys.executable, "-m", "benchmarks.trainer_ab", "--base=HEAD", "--reps=1", "--steps=40",
-         "--workers=2", f"--out={out}", "--", "--config.model.size=cpu-tiny", "--config.data.seq_len=64",
-         "--config.model.max_seq_len=64", "--config.data.tokenizer=byte"]
+         "--workers=2", "--size=cpu-tiny", "--seq_len=64", "--tokenizer=byte", f"--out={out}"]
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   result = json.loads(out.read_text())
   assert set(result["tokens_per_sec"]) == {"base", "tree"}
   assert result["workers"] == 2 and set(result["ratios"]) == {"base"}
+  assert (result["size"], result["seq_len"], result["tokenizer"]) == ("cpu-tiny", 64, "byte")
   for runs in result["runs"].values():
     steps = [r["step"] for r in runs[0]["records"] if "tokens_per_sec" in r]
     assert steps == [10, 20, 30, 40]
