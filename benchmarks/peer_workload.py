@@ -25,8 +25,9 @@ each variant's timed steps (fresh pages XLA's per-call buffers fault in; an allo
 with LD_PRELOAD changes them, docs/benchmarks.md). `--size` / `--seq_len` run the same workload
 at another model or sequence length (e.g. the attention block rule's measurements);
 `--library_fusion` compiles the steps with the trainer's `train.library_fusion` setting (auto:
-as the trainer; several values: variants); `--compile_options` adds variants compiled with one
-more XLA option each. `--profile` adds where one step's time goes (a
+as the trainer; several values: variants); `--dtypes` the model's compute dtype (float32, the
+workload's; bfloat16: variants); `--compile_options` adds variants compiled with one more XLA
+option each. `--profile` adds where one step's time goes (a
 jax.profiler trace of the local SGD step on one device, whose kernels are not preempted by other
 devices' threads, grouped into matmuls, attention, optimizer, copies and other elementwise work).
 Writes JSON (`--out`).
@@ -68,6 +69,9 @@ _CHUNKS = flags.DEFINE_list("attention_chunks", ["0"], "Query blocks of the caus
 _FUSION = flags.DEFINE_list("library_fusion", ["auto"], "What XLA:CPU hands YNNPACK "
                             "(train.library_fusion: auto, dot, xla); several values are "
                             "measured as variants, interleaved.")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32"], "Compute dtypes (model.dtype: float32, "
+                            "bfloat16; parameters and optimizer state stay float32); several: "
+                            "variants. The workload's is float32.")
 _OPTIONS = flags.DEFINE_list("compile_options", [], "Extra XLA compile options, each KEY=VALUE "
                              "(e.g. xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED): "
                              "each one a variant on top of the trainer's options, measured "
@@ -82,9 +86,14 @@ K, H, GLOBAL_BATCH, VOCAB = 8, 10, 16, 1024
 def main(_):
   size, seq = _SIZE.value, _SEQ.value
   chunk_values = [int(c) for c in _CHUNKS.value]
-  cfgs = {c: model.model_config(size, vocab_size=VOCAB, max_seq_len=seq, attention_chunks=c)
-          for c in chunk_values}
-  cfg = cfgs[chunk_values[0]]
+  dtypes = _DTYPES.value
+  try:
+    cfgs = {(c, d): model.model_config(size, vocab_size=VOCAB, max_seq_len=seq,
+                                       attention_chunks=c, dtype=d)
+            for c in chunk_values for d in dtypes}
+  except ValueError as e:  # an unknown size or dtype, named by the message
+    raise app.UsageError(str(e)) from None
+  cfg = cfgs[chunk_values[0], dtypes[0]]
   tx = optim.inner_optimizer("adamw", learning_rate=1e-3, total_steps=10**6, warmup_steps=10)
   outer = optim.outer_optimizer("nesterov")
   tokens = np.random.default_rng(0).integers(0, VOCAB, (K, GLOBAL_BATCH // K, seq + 1))
@@ -97,13 +106,14 @@ def main(_):
   for option in _OPTIONS.value:
     if "=" not in option:
       raise app.UsageError(f"--compile_options: {option!r} is not KEY=VALUE")
-  for devices, algorithm, chunks, fusion, extra in itertools.product(
-      map(int, _DEVICES.value), _ALGORITHMS.value, chunk_values, fusions, extras):
+  for devices, algorithm, chunks, dtype, fusion, extra in itertools.product(
+      map(int, _DEVICES.value), _ALGORITHMS.value, chunk_values, dtypes, fusions, extras):
     layout = mesh.make_layout(K, devices)
-    loss = functools.partial(model.loss_fn, cfgs[chunks])
-    init = functools.partial(model.init_params, cfgs[chunks])
+    loss = functools.partial(model.loss_fn, cfgs[chunks, dtype])
+    init = functools.partial(model.init_params, cfgs[chunks, dtype])
     where = f"{devices} device{'s' * (devices > 1)}" + (  # named by the flag's value (0: auto)
         f", {chunks or 'auto'} attention blocks" if len(chunk_values) > 1 else "") + (
+        f", {dtype}" if len(dtypes) > 1 else "") + (
         f", fusion {fusion}" if len(fusions) > 1 else "") + (f", +{extra}" if extra else "")
     name = f"{algorithm}, {where}"
     options = rounds.compiler_options(fusion, jax.default_backend(), cfg.d_model)
@@ -163,7 +173,7 @@ def main(_):
     print(f"| {r['variant']:26s} | {r['tokens_per_sec']:8.0f} | "
           f"{r['tokens_per_cpu_share']:{16 + len(str(cpus))}.0f} | {r['model_gflops']:13.1f} | "
           f"{100 * r['share_of_peak']:8.1f}% | {gib} | {r['minor_faults_per_step']:16,.0f} |")
-  result = {"config": {"size": size, "workers": K, "sync_every": H, "seq_len": seq,
+  result = {"config": {"size": size, "dtypes": dtypes, "workers": K, "sync_every": H, "seq_len": seq,
                        "global_batch": GLOBAL_BATCH, "vocab": VOCAB, "steps": steps,
                        "reps": _REPS.value, "cpus": os.cpu_count(),
                        "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "cpu-tiny"       # a preset of lsgd_jax.model.PRESETS ("5M" ... "800M", "cpu-*")
-  c.model.dtype = "float32"       # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+  c.model.dtype = "float32"       # compute dtype: "float32" or "bfloat16" (parameters stay float32;
+  #                                 bfloat16 is for GPUs / TPUs: 8-15% slower on a CPU, docs/benchmarks.md)
   c.model.tie_embeddings = False  # share the input embedding with the output head
   c.model.max_seq_len = 2048      # longest sequence the model accepts
   c.model.attention = "auto"      # "xla", "cudnn" (fused, GPU + bfloat16) or "auto" (cudnn there)

@@ -3,6 +3,7 @@ the kernel categories of its profile; benchmarks/trainer_ab.py and the PyTorch s
 (benchmarks/torch_diloco.py): their flags, and that the simulator's model is lsgd-jax's."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -52,7 +53,6 @@ def test_ab_commits_imports_the_package_at_a_revision(tmp_path):
   """common.package_at (benchmarks/ab_commits.py): lsgd_jax at a git revision, renamed, beside
   the working tree's."""
   import importlib
-  import subprocess
   if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
     pytest.skip("not a git checkout")
   pkg = common.package_at("HEAD", str(tmp_path), name="lsgd_at_head")
@@ -78,7 +78,6 @@ def test_steady_tokens_per_sec_keeps_the_rounds_without_compile_or_save():
 
 
 def test_unpack_gives_the_tree_at_a_revision(tmp_path):
-  import subprocess
   if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
     pytest.skip("not a git checkout")
   common.unpack("HEAD", str(tmp_path), "configs")
@@ -92,7 +91,6 @@ def test_unpack_gives_the_tree_at_a_revision(tmp_path):
 def test_trainer_ab_end_to_end(tmp_path):
   """The trainer at HEAD against the working tree on a tiny model, 2 workers (~30 s)."""
   import json
-  import subprocess
   out = tmp_path / "ab.json"
   cmd = [sys.executable, "-m", "benchmarks.trainer_ab", "--base=HEAD", "--reps=1", "--steps=40",
          "--workers=2", "--size=cpu-tiny", "--seq_len=64", "--tokenizer=byte", f"--out={out}"]
@@ -110,13 +108,15 @@ def test_trainer_ab_end_to_end(tmp_path):
   assert result["ratio"] > 0
 
 
-def test_peer_workload_rejects_a_compile_option_without_a_value():
-  import subprocess
-  done = subprocess.run([sys.executable, "-m", "benchmarks.peer_workload", "--devices=8",
-                         "--compile_options=xla_cpu_scheduler_type", "--out=/dev/null"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("flag, message", [
+    ("--compile_options=xla_cpu_scheduler_type", "'xla_cpu_scheduler_type' is not KEY=VALUE"),
+    ("--dtypes=float32,float16", "Unknown compute dtype 'float16'; allowed: 'float32', 'bfloat16'"),
+])
+def test_peer_workload_rejects_bad_flags(flag, message):
+  done = subprocess.run([sys.executable, "-m", "benchmarks.peer_workload", "--devices=8", flag,
+                         "--out=/dev/null"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0
-  assert "'xla_cpu_scheduler_type' is not KEY=VALUE" in done.stderr + done.stdout
+  assert message in done.stderr + done.stdout
   assert "Traceback" not in done.stderr
 
 
@@ -162,7 +162,6 @@ def test_torch_simulator_is_the_same_model():
   """benchmarks/torch_diloco.py's PyTorch model computes lsgd-jax's loss and gradients from the
   same weights (so the comparison in trainer_ab is between equal workloads). Needs torch, which
   the project does not depend on: run with LSGD_TORCH_PYTHON=/path/to/python."""
-  import subprocess
   done = subprocess.run([os.environ["LSGD_TORCH_PYTHON"], "-c", _TORCH_CHECK, ROOT],
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -176,7 +175,6 @@ def test_torch_simulator_runs_rounds_and_logs_them(tmp_path):
   metrics.jsonl's fields, and the loss of random tokens near log(vocab)."""
   import json
   import math
-  import subprocess
   out = tmp_path / "torch.jsonl"
   done = subprocess.run([os.environ["LSGD_TORCH_PYTHON"], "benchmarks/torch_diloco.py",
                          "--workers=2", "--steps=4", "--sync_every=2", "--layers=1", "--width=32",
@@ -207,7 +205,6 @@ def test_torch_simulator_rejects_bad_arguments(capsys):
      "torch there ([Errno 2] No such file or directory"),
 ])
 def test_trainer_ab_rejects_bad_flags_with_a_message(flag, message):
-  import subprocess
   done = subprocess.run([sys.executable, "-m", "benchmarks.trainer_ab", "--base=", flag,
                          "--out=/dev/null"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode != 0
