@@ -89,6 +89,19 @@ def _config_override_message(e: BaseException, argv: list[str]) -> str | None:
   return None
 
 
+def _config_file_error(e: BaseException) -> str | None:
+  """The error a config file's get_config raised (e.g. a bad `:ARG`), where ml_collections has
+  folded the whole traceback into a flag error's text: its last line, without the type of the
+  errors that bad input raises."""
+  text = str(e).replace("\\n", "\n")
+  if "Traceback (most recent call last)" not in text:
+    return None
+  last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+  kind, _, message = last.partition(": ")
+  user = {t.__name__ for t in USER_ERRORS} | {"FileNotFoundError", "TypeError"}
+  return message if kind in user and message else last
+
+
 def _parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   try:
     rest = flag_values(argv)
@@ -102,7 +115,7 @@ def _parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -
       raise
     message = _config_override_message(e, argv) if not isinstance(e, flags.Error) else None
     if message is None:
-      message = describe(e)
+      message = _config_file_error(e) or describe(e)
     if isinstance(e, flags.Error) and "must have a value other than None" in message:
       name = re.search(r"--(\w+)", message)
       message = f"--{name.group(1) if name else '?'} is required; see --help."

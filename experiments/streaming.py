@@ -117,6 +117,8 @@ def main(argv):
   del argv  # cli.run refuses positional arguments
   base = _CONFIG.value
   names = list(_RUNS.value)
+  if not names:  # an empty report would replace the one in --out
+    raise ValueError(f"--runs is empty; allowed a comma list of: {', '.join(RUNS)}.")
   for n in names:
     if n not in RUNS:
       raise ValueError(f"Unknown run {n!r}; allowed: {', '.join(RUNS)}.")

@@ -25,6 +25,8 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their cost; t
 _HARDWARE = flags.DEFINE_enum("hardware", None, list(sweep.HARDWARE),
                               "With --dry_run: the hours on this hardware.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "With --hardware: the model FLOPs utilisation assumed.")
+flags.register_validator("mfu", lambda v: 0 < v <= 1,
+                         message="--mfu is a share of the peak: allowed (0, 1], e.g. 0.4.")
 _RETRY_FAILED = flags.DEFINE_bool("retry_failed", False, "Re-run the runs that diverged before.")
 _COLLECT_ONLY = flags.DEFINE_bool(
     "collect_only", False, "Train nothing: rebuild results.csv, summary.md and the reports from "

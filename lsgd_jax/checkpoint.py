@@ -83,6 +83,10 @@ def check_compatible(saved: dict, current: ml_collections.ConfigDict) -> list[st
   return safe
 
 
+class CheckpointsDamaged(ValueError):
+  """A run's checkpoints exist but none of them restores intact."""
+
+
 class CheckpointWriteError(OSError):
   """A checkpoint or export could not be written (e.g. the disk is full)."""
 
@@ -261,7 +265,8 @@ class Checkpointer:
       raise write_error(what, self.directory, self._needed, e) from None
 
   def _warn(self, step: int, why: str) -> None:
-    print(f"WARNING: checkpoint {step} is damaged ({why}); using an older one.", flush=True)
+    print(f"WARNING: checkpoint {step} is damaged ({why}); trying an older one.", flush=True)
+    self._damaged.append(f"{step} ({why})")
 
   def restore_latest(self, abstract_state: Any, check_meta=None) -> tuple[Any, dict] | None:
     """The newest checkpoint that restores intact, or None.
@@ -270,7 +275,10 @@ class Checkpointer:
     incompatible config: the error stops the resume before any state is read); a stored state
     whose shapes differ from `abstract_state` raises ValueError (the run does not fit it: not
     damage); a checkpoint that fails to read or fails its checksum is skipped with a warning.
+    If there are checkpoints but none is intact, raises `CheckpointsDamaged` rather than start
+    the run again from step 0 (which would throw its work away without a word).
     """
+    self._damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         meta = dict(self.manager.restore(step, args=ocp.args.Composite(
@@ -285,6 +293,13 @@ class Checkpointer:
       except Exception:  # noqa: BLE001  (old orbax layouts: the restore below decides)
         stored = None
       mismatch = _shape_mismatch(stored, abstract_state) if stored is not None else None
+      saved_devices = meta.get("devices")
+      if mismatch and saved_devices and saved_devices != jax.device_count():
+        raise ValueError(f"checkpoint {step} in {self.directory} was written by a run on "
+                         f"{saved_devices} devices; this run has {jax.device_count()} (for fake "
+                         "CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N), and "
+                         f"the state's layout follows them ({mismatch}). Resume on "
+                         f"{saved_devices} devices, or use a new workdir.")
       if mismatch:
         raise ValueError(f"checkpoint {step} in {self.directory} holds a state of another shape "
                          f"than this run builds ({mismatch}); the run's layout or code changed "
@@ -302,6 +317,11 @@ class Checkpointer:
         self._warn(step, "its state does not match the checksum written with it")
         continue
       return state, meta
+    if self._damaged:
+      raise CheckpointsDamaged(
+          f"every checkpoint in {self.directory} is damaged: {'; '.join(self._damaged)}. "
+          "Resuming would start the run again from step 0. To do that, move the folder aside "
+          "(or delete it) and re-run; to keep the work, put back intact copies of its files.")
     return None
 
   def wait(self) -> None:

@@ -12,14 +12,14 @@ Collectives, alpha-beta model seen from one device (B bytes, R devices, bandwidt
   two-stage (hierarchical) over group sizes g_0 .. g_L: reduce-scatter over g_0, ..., all-reduce of
     the B / (g_0 ... g_{L-1}) slice over g_L, then all-gathers back down. Local SGD's outer sync
     skips the first reduce-scatter: the devices of a worker hold the same pseudo-gradient and just
-    take their 1/g_0 slice (DESIGN.md section 4).
+    take their 1/g_0 slice (lsgd_jax/local_sgd.py, `Layout.two_stage`).
 
 Time per step (no overlap): T = T_comp + T_step_comm + T_period_comm / P, where P is the period
 (1 for DDP, H for local SGD, H2 for hierarchical local SGD) and utilisation u = T_comp / T. With
 overlap a step takes max(T_comp, T_step_comm) and an outer sync hides behind the steps since the
 last sync. Compute time = tokens * FLOPs/token / (peak FLOP/s * MFU).
 
-Finer overlap and the streaming outer sync (`Run` fields, DESIGN.md section 8):
+Finer overlap and the streaming outer sync (`Run` fields; docs/streaming.md):
   comm_overlap = f: a collective issued during a step hides behind the share f of its compute
     (f = 2/3: the backward pass, the convention of the published DiLoCo simulators): a step
     takes T_c + max(0, T_step_comm - f T_c) and an outer sync exposes max(0, T_sync - f T_c).

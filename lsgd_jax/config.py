@@ -7,6 +7,7 @@ devices or data and raises `ValueError` naming the bad value and what is allowed
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 
@@ -96,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   #   set whole: --config.local_sgd.outer_kwargs="{'b1': 0.9}"
   c.local_sgd.exact_cosine = False   # exact pairwise cosine (costs a second parameter all-reduce)
   c.local_sgd.two_stage = "auto"     # outer sync on 1/|data| slices, outer state sharded over
-                                     # 'data' (DESIGN.md 4): "auto" (when a worker has several
+                                     # 'data' (Layout.two_stage): "auto" (when a worker has several
                                      # devices), True or False; same results, 1/|data| the bytes
   c.local_sgd.shard_outer = "auto"   # outer state sharded over the workers' devices: "auto" (flat
                                      # mesh, one worker per device, elementwise outer optimizer,
@@ -110,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.local_sgd.cluster_outer_optimizer = "nesterov"  # as outer_optimizer, inside each cluster
   c.local_sgd.cluster_outer_lr = 0.7
   c.local_sgd.cluster_outer_momentum = 0.9
-  # Communication-efficient outer syncs (lsgd_jax/streaming.py, DESIGN.md 8; the defaults are
+  # Communication-efficient outer syncs (lsgd_jax/streaming.py, docs/streaming.md; the defaults are
   # today's sync). Flat layout: all; two-stage: fragments and overlap in float32; hierarchical: none.
   c.local_sgd.num_fragments = 1      # P: leaves split into P near-equal fragments, fragment p sent
                                      # every H steps at offset (p + 1) H / P (Streaming DiLoCo)
@@ -181,6 +182,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError for values that are wrong whatever the devices and data."""
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise TypeError(f"The config must be an ml_collections.ConfigDict (start from "
+                    f"lsgd_jax.config.base_config()), got a {type(c).__name__}.")
+  _check_keys(c)
+  _check_integers(c)
   if c.algorithm not in local_sgd.ALGORITHMS:
     raise ValueError(f"Unknown algorithm {c.algorithm!r}; allowed: "
                      f"{', '.join(local_sgd.ALGORITHMS)}.")
@@ -213,6 +219,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.train.eval_batches and c.train.eval_batch < 1:
     raise ValueError(f"train.eval_batch={c.train.eval_batch}: allowed a positive multiple of "
                      "num_workers x devices per worker (or train.eval_batches=0: no evaluation).")
+  if c.model.attention_chunks > c.data.seq_len:
+    raise ValueError(f"model.attention_chunks={c.model.attention_chunks} is more than "
+                     f"data.seq_len={c.data.seq_len}: allowed 0 (auto) or 1 to seq_len query "
+                     "blocks.")
+  if c.mesh.num_devices < 0:
+    raise ValueError(f"mesh.num_devices must be 0 (all visible devices) or a positive count, "
+                     f"got {c.mesh.num_devices}.")
   _validate_rates(c)
   if not (isinstance(c.train.steps_per_call, int) and c.train.steps_per_call >= 0):
     raise ValueError(f"train.steps_per_call must be an integer >= 0 (0: auto), got "
@@ -254,6 +267,59 @@ def validate(c: ml_collections.ConfigDict) -> None:
                           c.local_sgd.outer_momentum, c.local_sgd.outer_kwargs.to_dict())
 
 
+# Sections whose keys are free-form (passed on as keyword arguments) or belong to a wrapper.
+_FREE_FORM = ("local_sgd.outer_kwargs.", "sweep.")
+
+
+def _flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key in c.keys():
+    value = c[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _flat_keys(value, f"{prefix}{key}.")
+    else:
+      out.append(prefix + key)
+  return out
+
+
+@functools.lru_cache(maxsize=1)
+def _known_keys() -> tuple[str, ...]:
+  return tuple(_flat_keys(base_config()))
+
+
+def _check_keys(c: ml_collections.ConfigDict) -> None:
+  """Refuses keys the schema does not have (a misspelt key set in Python would otherwise be
+  ignored and the run would train on the default): each named, with the nearest known key."""
+  known = _known_keys()
+  unknown = [k for k in _flat_keys(c) if k not in known and not
+             any(k.startswith(f) for f in _FREE_FORM)]
+  if unknown:
+    lines = []
+    for key in unknown:
+      near = difflib.get_close_matches(key, known, n=1)
+      lines.append(f"{key}" + (f" (did you mean {near[0]}?)" if near else ""))
+    raise ValueError(f"Unknown config key{'s' * (len(unknown) > 1)}: {'; '.join(lines)}. "
+                     "Every key and its meaning: lsgd_jax/config.py.")
+
+
+# Keys that count something: integers (True / False, numpy or float values are refused).
+_INTEGER_KEYS = ("seed", "local_sgd.num_workers", "local_sgd.sync_every", "train.steps",
+                 "train.global_batch", "train.eval_batch", "train.eval_batches",
+                 "train.eval_every", "train.log_every", "optim.warmup_steps",
+                 "model.attention_chunks", "model.max_seq_len", "data.seq_len",
+                 "mesh.num_devices")
+
+
+def _check_integers(c: ml_collections.ConfigDict) -> None:
+  for key in _INTEGER_KEYS:
+    section, _, name = key.rpartition(".")
+    value = c[section][name] if section else c[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"{key}={value!r}: allowed an integer.")
+  if not 0 <= c.seed < 2**32:
+    raise ValueError(f"seed={c.seed}: allowed an integer in [0, 2**32).")
+
+
 def _positive_finite(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
@@ -265,6 +331,17 @@ def _validate_rates(c: ml_collections.ConfigDict) -> None:
   if c.optim.ddp_lr != 0 and not _positive_finite(c.optim.ddp_lr):
     raise ValueError(f"optim.ddp_lr={c.optim.ddp_lr}: allowed 0 (DDP uses optim.lr) or a finite "
                      "learning rate > 0.")
+  o = c.optim
+  for key in ("b1", "b2"):
+    if not (isinstance(o[key], (int, float)) and 0 <= o[key] < 1):
+      raise ValueError(f"optim.{key}={o[key]!r}: allowed a decay rate in [0, 1) (AdamW's "
+                       "defaults: b1 0.9, b2 0.95).")
+  for key, meaning in (("weight_decay", "0: none"), ("grad_clip", "0: no clipping")):
+    if not (isinstance(o[key], (int, float)) and 0 <= o[key] < math.inf):
+      raise ValueError(f"optim.{key}={o[key]!r}: allowed a finite number >= 0 ({meaning}).")
+  if not 0 <= o.warmup_steps < c.train.steps:
+    raise ValueError(f"optim.warmup_steps={o.warmup_steps}: allowed 0 to train.steps - 1 = "
+                     f"{c.train.steps - 1} (the warm-up must end before the run does).")
   s = c.local_sgd
   if c.algorithm == "local_sgd" and s.outer_optimizer != "average":
     if not _positive_finite(s.outer_lr):
@@ -340,7 +417,7 @@ def shard_outer(c: ml_collections.ConfigDict) -> str | bool:
 
 
 def check_outer_layout(c: ml_collections.ConfigDict, two_stage: bool) -> None:
-  """The two-stage outer sync (DESIGN.md 4) updates each device's slice of a flattened leaf on its
+  """The two-stage outer sync (local_sgd.py, Layout.two_stage) updates each device's slice of a flattened leaf on its
   own: only optimizers that act element by element give the same result there."""
   s = c.local_sgd
   if c.algorithm != "local_sgd" or not two_stage:

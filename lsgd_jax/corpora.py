@@ -404,7 +404,11 @@ def _write_text_features(version_dir: str, example: bytes) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) != 3 or argv[1] != "to-array-record":
     sys.exit("usage: python -m lsgd_jax.corpora to-array-record DATA_DIR/NAME/CONFIG/VERSION")
-  print(f"converted {to_array_record(argv[2])} shards in {argv[2]}")
+  try:
+    count = to_array_record(argv[2])
+  except (OSError, ValueError) as e:  # a wrong folder or unreadable shards: one line
+    sys.exit(f"error: {e}")
+  print(f"converted {count} shards in {argv[2]}")
 
 
 if __name__ == "__main__":

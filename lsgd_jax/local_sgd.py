@@ -1,6 +1,6 @@
 """The algorithms: the per-replica training step, local SGD (inner step + outer sync) and DDP.
 
-One code path (DESIGN.md section 3, STYLE.md habit 3 "wrap, don't fork"):
+One code path ("wrap, don't fork"):
 
 - `replica_step` is the ordinary training step of one model replica: gradients averaged over the
   devices that hold this replica, then the inner optimizer.
@@ -12,7 +12,7 @@ One code path (DESIGN.md section 3, STYLE.md habit 3 "wrap, don't fork"):
   every worker restarts from the new theta. Inner optimizer states stay with their workers.
 - DDP is `replica_step` with gradients averaged over `('worker', 'data')`, one replicated model.
 
-- Two-stage (DESIGN.md section 4, `Layout.two_stage`): the devices of a worker hold the same
+- Two-stage (`Layout.two_stage`): the devices of a worker hold the same
   replica, so each averages only its 1/|data| slice over `'worker'`, updates the slice of theta and
   of the outer optimizer state it keeps (sharded over `'data'`), then all-gathers theta over
   `'data'`. Same result as the plain sync for elementwise outer optimizers.
@@ -115,7 +115,7 @@ def _check_algorithm(algorithm: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # State creation (shape first: eval_shape -> shardings -> jit(init, out_shardings)).
 #
-# Two-stage layout of the global (outer) state (DESIGN.md section 4): every leaf is stored
+# Two-stage layout of the global (outer) state (`Layout.two_stage`): every leaf is stored
 # flattened and zero-padded to a multiple of |data| = D, sharded over 'data', so a device keeps
 # 1/D of theta and of the outer optimizer state. The padding is zero in theta, in every worker's
 # slice and hence in the pseudo-gradient; elementwise outer optimizers (SGD, Nesterov, averaging,
@@ -448,7 +448,7 @@ def make_outer_sync(layout: Layout, outer_tx: optax.GradientTransformation,
   worker restarts from theta (cluster optimizer states are kept).
 
   Plain layout: the parameters cross 'worker' once in one all-reduce. Two-stage layout
-  (DESIGN.md section 4): each device averages only its 1/|data| slice over 'worker' (cross-worker
+  (`Layout.two_stage`): each device averages only its 1/|data| slice over 'worker' (cross-worker
   bytes per device N / |data|), applies the outer optimizer to the slice it keeps, and all-gathers
   the new theta over 'data'. Sharded outer state (`Layout.shard_outer`): each device receives
   slice j of every worker in an all-to-all, updates the slice of theta it keeps and all-gathers

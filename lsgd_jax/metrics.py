@@ -82,8 +82,26 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The records of a metrics.jsonl. A last line cut short (a run killed while appending it)
+  is dropped, since the run resumes from a checkpoint at or before it; a bad line anywhere else
+  raises ValueError naming the file and the line."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for n, (i, line) in enumerate(lines):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except ValueError as e:
+      if n == len(lines) - 1 and not line.endswith("\n"):
+        print(f"WARNING: {path}: the last line is cut short (a run killed while writing it); "
+              "it is left out.", flush=True)
+        break
+      raise ValueError(f"{path}, line {i}: not a metrics record ({e}); repair or remove the "
+                       "line.") from None
+    records.append(record)
+  return records
 
 
 def read_events(workdir: str) -> dict[str, list[tuple[int, float]]]:

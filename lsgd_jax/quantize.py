@@ -1,4 +1,4 @@
-"""Wire formats of the outer communication (DESIGN.md section 8): quantize and dequantize.
+"""Wire formats of the outer communication (docs/streaming.md): quantize and dequantize.
 
 A pseudo-gradient block is sent as small integers or floats plus float32 scales:
 

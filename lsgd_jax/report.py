@@ -37,16 +37,25 @@ _COLORS = {"ddp": "C0", "local_sgd": "C1"}
 
 def read_results(path: str) -> dict[str, np.ndarray]:
   """Columns of a CSV: numeric columns as float arrays (empty cells NaN), the others as strings."""
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    rows = [[(v or "").strip() for v in r.values()] for r in reader]
+  try:
+    with open(path, newline="") as f:
+      table = [row for row in csv.reader(f) if row]
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not a text CSV file ({e.reason} at byte {e.start}).") from None
+  except csv.Error as e:
+    raise ValueError(f"{path}: not a CSV file ({e}).") from None
+  header = [h.strip() for h in table[0]] if table else []
+  rows = [[v.strip() for v in r] for r in table[1:]]
   missing = [c for c in REQUIRED_COLUMNS if c not in header]
   if missing:
     raise ValueError(f"{path}: missing required columns {', '.join(missing)} "
                      f"(found: {', '.join(header) or 'no header'}).")
   if not rows:
     raise ValueError(f"{path}: no data rows.")
+  long = next((i for i, r in enumerate(rows) if len(r) > len(header)), None)
+  if long is not None:
+    raise ValueError(f"{path}: row {long + 1} has {len(rows[long])} fields, the header "
+                     f"{len(header)}; not a results CSV.")
   cols = {}
   for j, name in enumerate(header):
     raw = [r[j] if j < len(r) else "" for r in rows]

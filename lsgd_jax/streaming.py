@@ -1,4 +1,4 @@
-"""Communication-efficient outer syncs (DESIGN.md section 8): streaming fragments with overlap,
+"""Communication-efficient outer syncs (docs/streaming.md): streaming fragments with overlap,
 eager updates and a quantized wire, on the code path of `local_sgd.make_outer_sync`.
 
 - Fragments (`Streaming.num_fragments` = P): the parameter leaves are split into P groups of

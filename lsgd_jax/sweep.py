@@ -65,21 +65,22 @@ HARDWARE = {"8xH100": 8 * 989e12, "8xA100": 8 * 312e12, "v5e-64": 64 * 197e12,
 
 def sweep_section() -> ml_collections.ConfigDict:
   """The `sweep` section: every key, its default and its meaning. Add it to a training config."""
-  s = ml_collections.ConfigDict()
-  s.sizes = ["cpu-tiny"]           # model presets (lsgd_jax.model.PRESETS)
-  s.algorithms = ["ddp", "local_sgd"]
-  s.sync_every = [10]              # H values (local SGD only; DDP runs ignore this axis)
-  s.num_workers = [8]              # K values (DDP splits its global batch the same way)
-  s.outer = ["nesterov"]           # outer optimizers (local SGD only): "nesterov" / "sgd" (lr and
+  s = ml_collections.ConfigDict()  # the axes are tuples so that flags can replace them:
+  # --config.sweep.seeds="(0, 1)" (ml_collections cannot override a list from the command line)
+  s.sizes = ("cpu-tiny",)          # model presets (lsgd_jax.model.PRESETS)
+  s.algorithms = ("ddp", "local_sgd")
+  s.sync_every = (10,)             # H values (local SGD only; DDP runs ignore this axis)
+  s.num_workers = (8,)             # K values (DDP splits its global batch the same way)
+  s.outer = ("nesterov",)          # outer optimizers (local SGD only): "nesterov" / "sgd" (lr and
                                    # momentum from local_sgd.outer_lr / outer_momentum), "average"
                                    # (lr 1, momentum 0), or "NAME:LR[:MOMENTUM]"
   s.budget = "steps"               # what `budgets` count: "steps", "tokens", "tokens_per_param"
                                    # (D = r N, e.g. 20 for Chinchilla) or "flops" (steps =
                                    # C / (FLOPs per token x tokens per step)); same for every method
-  s.budgets = []                   # budget values ([]: train.steps)
+  s.budgets = ()                   # budget values ((): train.steps)
   s.warmup_fraction = 0.0          # > 0: optim.warmup_steps = this fraction of each run's steps
-  s.seeds = [0]
-  s.lrs = []                       # peak learning rates tried at every size ([]: optim.lr)
+  s.seeds = (0,)
+  s.lrs = ()                       # peak learning rates tried at every size ((): optim.lr)
   s.lr_per_size = ml_collections.ConfigDict()  # size -> its own list of learning rates
   s.per_size = ml_collections.ConfigDict()     # size -> nested overrides of the training config,
                                                # e.g. {"train": {"global_batch": 256}}
@@ -207,6 +208,36 @@ def budget_steps(c: ml_collections.ConfigDict, kind: str, value: float | None) -
   tokens = {"steps": value * tokens_per_step, "tokens": value,
             "tokens_per_param": value * n, "flops": value / flops_per_token}[kind]
   return max(1, round(tokens / tokens_per_step))
+
+
+def _read_json(path: str) -> dict:
+  """A JSON object from `path`, or {} if the file cannot be read as one."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return value if isinstance(value, dict) else {}
+
+
+def _check_finished(rundir: str, run_cfg: ml_collections.ConfigDict) -> dict | None:
+  """The results of a run that finished in `rundir`, None if it has not (or its results.json
+  cannot be read: training it again finishes it from its final checkpoint). Raises ValueError
+  if it finished with settings that change what it trained (its config.json against
+  `run_cfg`, e.g. another data.seq_len): the sweep would report the old run under the new
+  settings."""
+  from lsgd_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  results = _read_json(os.path.join(rundir, "results.json")) or None
+  saved = _read_json(os.path.join(rundir, "config.json"))
+  if results is not None and saved:
+    try:
+      checkpoint.check_compatible(saved, run_cfg)
+    except ValueError as e:
+      changes = str(e).split(": ", 1)[1].split(". Use a new workdir")[0]
+      raise ValueError(f"{rundir} finished with other settings than this sweep gives it "
+                       f"({changes}); the sweep would report that run under the new settings. "
+                       "Use a new --workdir for the changed sweep, or the old values.") from None
+  return results
 
 
 def run_config(config: ml_collections.ConfigDict, run: Run,
@@ -455,6 +486,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
                            c.train.global_batch)
     except ValueError as e:
       raise ValueError(f"{r.name()}: {e}") from None
+  for r in runs:  # finished runs whose settings this sweep changed: refused before any file
+    if r.lr is not None:  # changes (the tuned runs' names are known later: checked then)
+      _check_finished(os.path.join(workdir, r.name(r.lr)), run_config(config, r, r.lr))
   lead = jax.process_index() == 0  # every process trains every run; process 0 writes the files
   if lead:
     os.makedirs(workdir, exist_ok=True)
@@ -462,37 +496,39 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   csv_path = os.path.join(workdir, "results.csv")
   flops = [_row(config, r, r.lr or 1e-3, "", "", None)["flops"] for r in runs]
-  log(f"[sweep] {len(runs)} runs in {workdir}: {len({r.size for r in runs})} sizes, "
-      f"{sum(r.lr is None for r in runs)} with a learning rate tuned on "
-      f"{config.sweep.tune_lr_on or '-'}")
+  groups = _lr_groups(runs) if config.sweep.extend_lr_grid > 0 else {}
+  tuned = sum(r.lr is None for r in runs)
+  log(f"[sweep] {len(runs)} runs in {workdir}: {len({r.size for r in runs})} sizes" +
+      (f", {tuned} with the learning rate tuned on {config.sweep.tune_lr_on}" if tuned else "") +
+      (f"; {_extension_note(config, groups)}" if groups else ""))
   rows: list[dict] = []
   eta, t0 = _Eta(), time.perf_counter()
   counts = {"trained": 0, "skipped": 0, "failed": 0}
-  groups = _lr_groups(runs) if config.sweep.extend_lr_grid > 0 else {}
 
   def train_one(i: int, run: Run, lr: float) -> None:
     """Trains (or skips, if finished) one run and appends its row."""
     name = run.name(lr)
+    at = f"[sweep {i + 1}/{len(runs)}{', lr-grid extension' if run.extended else ''}]"
     rundir = os.path.join(workdir, name)
     results_path, failed_path = (os.path.join(rundir, f) for f in ("results.json", "failed.json"))
     wall_path = os.path.join(rundir, "wall_seconds.json")
     t_run = time.perf_counter()
-    if os.path.exists(results_path):
-      with open(results_path) as f:
-        results = json.load(f)
-      wall = json.load(open(wall_path))["wall_seconds"] if os.path.exists(wall_path) else math.nan
+    results = _check_finished(rundir, run_config(config, run, lr))
+    if os.path.exists(failed_path) and not retry_failed:  # diverged, or learned nothing (then
+      row = _row(config, run, lr, rundir, "failed", None)  # results.json exists as well)
+      counts["skipped"] += 1
+      what = "failed before"
+    elif results is not None:
+      wall = _read_json(wall_path).get("wall_seconds", math.nan) if os.path.exists(
+          wall_path) else math.nan
       row = _row(config, run, lr, rundir, "done", results, wall)
       counts["skipped"] += 1
       what = "finished before"
-    elif os.path.exists(failed_path) and not retry_failed:
-      row = _row(config, run, lr, rundir, "failed", None)
-      counts["skipped"] += 1
-      what = "failed before"
     elif collect_only:
       counts["skipped"] += 1
       return
     else:
-      log(f"[sweep {i + 1}/{len(runs)}] training {name}")
+      log(f"{at} training {name}")
       try:
         results = train_fn(run_config(config, run, lr), rundir)
         wall = time.perf_counter() - t_run
@@ -519,7 +555,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
     if lead:
       write_csv(rows, csv_path)
     left = eta.predict(flops[i + 1:])
-    log(f"[sweep {i + 1}/{len(runs)}] {name}: {what}, eval loss {float(row['eval_loss']):.4f} | "
+    log(f"{at} {name}: {what}, eval loss {float(row['eval_loss']):.4f} | "
         f"{counts['trained']} trained, {counts['skipped']} skipped, {counts['failed']} failed | "
         f"elapsed {_fmt_time(time.perf_counter() - t0)}, ETA {_fmt_time(left)}")
 
@@ -557,6 +593,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
   log(f"[sweep] done in {_fmt_time(time.perf_counter() - t0)}: {counts['trained']} trained, "
       f"{counts['skipped']} skipped, {counts['failed']} failed; {csv_path}")
   return rows
+
+
+def _extension_note(config: ml_collections.ConfigDict, groups: dict) -> str:
+  k = config.sweep.extend_lr_grid
+  return (f"up to {2 * k * len(groups)} more (sweep.extend_lr_grid={k}: {k} per side of each of "
+          f"{len(groups)} learning-rate grids whose best value is at its edge)")
 
 
 def _group_key(run: Run) -> tuple:
@@ -677,7 +719,9 @@ def describe(config: ml_collections.ConfigDict, runs: Sequence[Run],
     total += row["flops"]
     lines.append(f"| {r.name()} | {'+'.join(r.grids)} | {r.steps:,} | {row['tokens']:.3g} | "
                  f"{row['flops']:.3g} |")
-  lines.append(f"\n{len(runs)} runs, {total:.3g} training FLOPs in all.")
+  groups = _lr_groups(runs) if config.sweep.extend_lr_grid > 0 else {}
+  lines.append(f"\n{len(runs)} runs, {total:.3g} training FLOPs in all" +
+               (f"; {_extension_note(config, groups)}, not counted." if groups else "."))
   if hardware:
     if hardware not in HARDWARE:
       raise ValueError(f"Unknown hardware {hardware!r}; known: {', '.join(HARDWARE)}.")

@@ -81,6 +81,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and builds mesh, data, model, optimizers and jitted steps."""
   validate(config)
   c = config
+  if c.model.attention == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention='cudnn' needs a GPU (cuDNN's fused attention); this run's "
+                     f"devices are {jax.default_backend()!r}: use 'auto' or 'xla'.")
   hierarchical = c.algorithm == "local_sgd" and c.local_sgd.num_clusters > 1
   layout = mesh_lib.make_layout(c.local_sgd.num_workers, c.mesh.num_devices or None,
                                 num_clusters=c.local_sgd.num_clusters if hierarchical else None,
@@ -188,6 +191,9 @@ def _restore_or_init(s: Setup, ckpt: checkpoint.Checkpointer, tag: str):
                           abstract, local_sgd.state_shardings(s.layout, abstract))
   def check(meta):  # before the state is read: a changed shape is refused, never "damage"
     for line in checkpoint.check_compatible(meta["config"], s.config):
+      if line.startswith(("train.steps:", "optim.warmup_steps:", "optim.final_lr_fraction:")):
+        line += (" (the learning-rate schedule follows it: the steps already trained used the "
+                 "old one, so the result differs from a fresh run with the new value)")
       print(f"{tag} resuming with a changed setting: {line}", flush=True)
   restored = ckpt.restore_latest(abstract, check_meta=check)
   if restored is None:
@@ -251,10 +257,11 @@ def _checkpoint_meta(step: int, prefetch: data.Prefetcher, tally: periodic.Tally
   return {"step": step, "data": prefetch.state_dict(step), "comm_bytes": tally.comm_bytes,
           "skipped_rounds": float(tally.skipped_rounds), "tokenizer": tokenizer,
           "sim_time": sim.seconds if sim is not None else 0.0,
-          "sim": sim.state_dict() if sim is not None else {}, "config": config}
+          "sim": sim.state_dict() if sim is not None else {}, "config": config,
+          "devices": jax.device_count()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        name: str | None = None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -266,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `verdict.FailedToLearn` after writing results.json for a run that learned nothing under
   `train.on_no_learning = "error"`.
   """
+  workdir = os.fspath(workdir)
   with workdir_lib.claim(workdir, lead=jax.process_index() == 0), \
       workdir_lib.stop_on_signal(f"[{name or config.algorithm}]"):
     return _train_and_evaluate(config, workdir, name)
@@ -283,14 +291,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f"parameters, vocab {s.model_cfg.vocab_size}", flush=True)
   ckpt = _checkpointer(c.checkpoint, workdir, c.local_sgd.sync_every)
   state, meta = _restore_or_init(s, ckpt, tag)
-  _write_config(c, workdir)
   start = int(meta.get("step", 0))
   results_path = os.path.join(workdir, "results.json")
-  if start >= c.train.steps and os.path.exists(results_path):
+  results = _read_results(results_path, tag) if start >= c.train.steps else None
+  if results is not None:  # finished: config.json keeps the settings it was trained with
+    if not _export_intact(os.path.join(workdir, "export")):
+      print(f"{tag} the exported model in {os.path.join(workdir, 'export')} is missing or "
+            "damaged: writing it again from the final checkpoint", flush=True)
+      _export(s, workdir, state)
     ckpt.close()
     print(f"{tag} already finished ({start} steps); results in {results_path}", flush=True)
-    with open(results_path) as f:
-      return _judged(json.load(f), c)
+    return _judged(results, c)
+  _write_config(c, workdir)
   if start:
     print(f"{tag} resumed from the checkpoint at step {start}", flush=True)
   _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
@@ -332,6 +344,40 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"first: results in {results_path}.", flush=True)
     raise Preempted(late.signum, c.train.steps)
   return _judged(results, c)
+
+
+def _read_results(path: str, tag: str) -> dict | None:
+  """A finished run's results.json, or None if it is missing or unreadable (cut short or edited:
+  the run then finishes again from its final checkpoint and writes it anew)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    if isinstance(results, dict):
+      return results
+    why = f"a JSON {type(results).__name__}, not an object"
+  except (OSError, ValueError) as e:
+    why = f"{type(e).__name__}: {e}"
+  print(f"{tag} {path} cannot be read ({why}); finishing the run again from its final "
+        "checkpoint", flush=True)
+  return None
+
+
+def _export(s: Setup, workdir: str, state: local_sgd.TrainState) -> str:
+  """Writes workdir/export: the global model, its tokenizer and the config."""
+  return checkpoint.export_model(
+      os.path.join(workdir, "export"), local_sgd.global_params(state), s.model_cfg,
+      {"tokenizer": tokenizers.describe(s.tokenizer),
+       "config": json.loads(s.config.to_json_best_effort())})
+
+
+def _export_intact(directory: str) -> bool:
+  try:
+    checkpoint.load_model(directory)
+  except (OSError, ValueError):
+    return False
+  return True
 
 
 def _last_record(path: str, step: int) -> dict:
@@ -553,10 +599,7 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
   """Exports the global model, writes results.json and returns the results."""
   c = s.config
   faults.point("export")
-  export_dir = checkpoint.export_model(
-      os.path.join(workdir, "export"), local_sgd.global_params(state), s.model_cfg,
-      {"tokenizer": tokenizers.describe(s.tokenizer),
-       "config": json.loads(c.to_json_best_effort())})
+  export_dir = _export(s, workdir, state)
   ckpt.close()
   total, tokens_per_step, sim = c.train.steps, tally.tokens_per_step, tally.sim
   results = {
@@ -599,11 +642,18 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
   return results
 
 
-def compare_algorithms(config: ml_collections.ConfigDict, workdir: str,
+def compare_algorithms(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        algorithms: tuple[str, ...] = ("local_sgd", "ddp")) -> dict[str, dict]:
   """Trains each algorithm on the same data and budget into `workdir/<algorithm>`, then prints a
   side-by-side table and writes `workdir/comparison.png` (eval loss against tokens) and
-  `workdir/comparison.json`."""
+  `workdir/comparison.json`. `algorithms` may also be one name or a comma-separated string."""
+  workdir = os.fspath(workdir)
+  if isinstance(algorithms, str):
+    algorithms = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+  unknown = [a for a in algorithms if a not in local_sgd.ALGORITHMS]
+  if not algorithms or unknown:
+    raise ValueError(f"algorithms={algorithms!r}: allowed one or more of "
+                     f"{', '.join(local_sgd.ALGORITHMS)}.")
   results, curves = {}, {}
   for algorithm in algorithms:
     c = config.copy_and_resolve_references()

@@ -4,6 +4,7 @@ models, the network model's and the fit's numbers (issue 14; docs/reliability.md
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,9 @@ def test_flag_and_config_file_errors_are_one_line(parse, tmp_path):
                                                "--config.local_sgd.outer_kwargs.b1=0.9")
   assert "'abc'" in parse(f"--config={tiny}", "--workdir=w", "--config.train.steps=abc")
   assert parse(f"--config={tiny}") == "error: --workdir is required; see --help."
+  # a config file's own error (a bad `:ARG`): its message alone, not ml_collections' traceback
+  assert parse(f"--config={ROOT}/configs/study.py:7B", "--workdir=w") == (
+      "error: Unknown size '7B'; use one of 5M, 12M, 25M, 50M, 100M, 200M, 400M, 800M or 'cpu'.")
 
 
 def test_outer_kwargs_are_settable_whole_from_the_command_line():
@@ -108,10 +112,41 @@ def test_a_real_binary_says_one_line_and_keeps_the_traceback_behind_a_flag(tmp_p
     ({"local_sgd__outer_kwargs": {"b1": 0.9}}, "'nesterov' takes none"),
     ({"local_sgd__outer_optimizer": "lamb", "local_sgd__two_stage": "True"},
      "local_sgd.outer_optimizer='lamb' does not act element by element"),
+    ({"optim__b1": 1.5}, "optim.b1=1.5: allowed a decay rate in [0, 1)"),
+    ({"optim__b2": -1.0}, "optim.b2=-1.0: allowed a decay rate in [0, 1)"),
+    ({"optim__weight_decay": -5.0}, "optim.weight_decay=-5.0: allowed a finite number >= 0"),
+    ({"optim__grad_clip": -1.0}, "optim.grad_clip=-1.0: allowed a finite number >= 0"),
+    ({"train__steps": 5, "optim__warmup_steps": 5}, "optim.warmup_steps=5: allowed 0 to "
+     "train.steps - 1 = 4"),
+    ({"seed": -1}, "seed=-1: allowed an integer in [0, 2**32)"),
+    ({"seed": 2**70}, "seed=1180591620717411303424: allowed an integer in [0, 2**32)"),
+    ({"local_sgd__num_workers": True}, "local_sgd.num_workers=True: allowed an integer"),
+    ({"mesh__num_devices": -1}, "mesh.num_devices must be 0 (all visible devices) or a positive"),
+    ({"model__attention_chunks": 1000}, "model.attention_chunks=1000 is more than data.seq_len"),
 ])
 def test_bad_config_values_name_the_value_and_what_is_allowed(overrides, message):
-  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_lib.validate(small_config(**overrides))
+
+
+def test_keys_misspelt_in_python_and_configs_of_another_type_are_refused():
+  c = small_config()
+  c.train.stepz = 3  # a ConfigDict built in Python takes any new key ...
+  c.local_sgd.sync_evry = 5
+  with pytest.raises(ValueError, match=re.escape(
+      "Unknown config keys: local_sgd.sync_evry (did you mean local_sgd.sync_every?); "
+      "train.stepz (did you mean train.steps?).")):
+    config_lib.validate(c)  # ... the schema does not
+  with pytest.raises(TypeError, match="must be an ml_collections.ConfigDict .* got a dict"):
+    config_lib.validate(small_config().to_dict())
+
+
+def test_compare_refuses_an_empty_or_unknown_list_of_algorithms(tmp_path):
+  from lsgd_jax import train  # pylint: disable=import-outside-toplevel
+  for algorithms in ("", (), "ddp,d"):
+    with pytest.raises(ValueError, match=r"allowed one or more of local_sgd, ddp"):
+      train.compare_algorithms(small_config(), tmp_path, algorithms=algorithms)
+  assert not os.listdir(tmp_path)
 
 
 def test_non_elementwise_outer_optimizers_are_refused_under_the_two_stage_sync():
@@ -221,6 +256,58 @@ def test_fit_refuses_empty_bootstraps_and_impossible_levels():
     report.analyze(cols, level=1.5)
   assert "n_boot=0" in _binary("fit", "--results=docs/scaling_cpu/results.csv", "--out=/tmp/x",
                                "--n_boot=0", code=1)
+
+
+def test_fit_names_a_file_that_is_not_a_results_csv(tmp_path):
+  from lsgd_jax import report  # pylint: disable=import-outside-toplevel
+  results_json = tmp_path / "results.json"  # a run's results.json, given where a CSV belongs
+  results_json.write_text('{\n  "algorithm": "ddp",\n  "num_workers": 8, "eval_loss": 2.0\n}\n')
+  with pytest.raises(ValueError, match="results.json: missing required columns"):
+    report.read_results(str(results_json))
+  wide = tmp_path / "wide.csv"
+  wide.write_text(",".join(report.REQUIRED_COLUMNS) + "\n" + ",".join(["1"] * 9) + "\n")
+  with pytest.raises(ValueError, match=r"wide.csv: row 1 has 9 fields, the header 7"):
+    report.read_results(str(wide))
+  binary = tmp_path / "binary.csv"
+  binary.write_bytes(bytes(range(128, 256)))
+  line = _binary("fit", f"--results={binary}", f"--out={tmp_path / 'out'}", code=1)
+  assert f"{binary}: not a text CSV file" in line
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("fit", ["--results=docs/scaling_cpu/results.csv", "--out=/tmp/unused", "--study=v2",
+             "--n_boot=0"], "--n_boot=0: allowed an integer >= 2"),
+    ("fit", ["--results=docs/scaling_cpu/results.csv", "--out=/tmp/unused", "--level=7"],
+     "--level=7.0: allowed an interval level in (0, 1)"),
+    ("fit", ["--results=docs/scaling_cpu/results.csv", "--out=/tmp/unused", "--study=v2",
+             "--level=0.9"], "--level applies to the plain fit"),
+    ("edge", ["--scenarios=", "--workdir=/tmp/unused", "--out=/tmp/unused"],
+     "--scenarios is empty; allowed a comma list of: ddp, local_sgd"),
+    ("streaming", ["--runs=", "--workdir=/tmp/unused"], "--runs is empty; allowed a comma list"),
+])
+def test_empty_lists_and_out_of_range_report_flags_are_one_line(module, args, message):
+  assert message in _binary(module, *args, code=1)
+
+
+def test_cudnn_attention_without_a_gpu_is_refused():
+  from lsgd_jax import train  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"model.attention='cudnn' needs a GPU .* 'cpu'"):
+    train.build(small_config(model__attention="cudnn"))
+
+
+def test_sweep_cost_needs_a_share_of_the_peak():
+  assert "--mfu is a share of the peak: allowed (0, 1]" in _binary(
+      "sweep", "--config=configs/scaling_cpu.py", "--workdir=/tmp/unused", "--dry_run",
+      "--hardware=8xH100", "--mfu=0")
+
+
+def test_corpus_conversion_of_a_wrong_folder_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "lsgd_jax.corpora", "to-array-record",
+                        str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert out.stderr.strip() == (f"error: {tmp_path / 'nope'}/dataset_info.json not found: give "
+                                "the NAME/CONFIG/VERSION folder.")
 
 
 def test_sweep_without_workdir():

@@ -73,6 +73,7 @@ def test_finished_run_is_not_retrained(uninterrupted, capsys):
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   ref = train.train_and_evaluate(_config(checkpoint__every_steps=10), workdir)
+  ref_records = _records(workdir)
   shown = [l.split(" | ")[0] for l in capsys.readouterr().out.splitlines() if " | loss " in l]
   # every logged step has its progress line, those with a checkpoint too (log_every 5)
   assert shown == [f"[local_sgd] step {s}/30" for s in range(5, 31, 5)], shown
@@ -86,6 +87,61 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "checkpoint 30 is damaged" in out and "resumed from the checkpoint at step 20" in out
   assert res["eval_loss"] == ref["eval_loss"]
+
+  # Every checkpoint damaged: the run stops and says so, instead of starting again from step 0.
+  os.remove(os.path.join(workdir, "results.json"))
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "state", "**", "*"),
+                        recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpoint.CheckpointsDamaged, match=r"every checkpoint in .* is damaged: "
+                     r"30 \(.*; 20 \(.*; 10 \(.*Resuming would start the run again from step 0"):
+    train.train_and_evaluate(_config(checkpoint__every_steps=10), workdir)
+  assert len(_records(workdir)) == len(ref_records)
+
+
+def test_a_finished_run_rewrites_a_lost_export_or_results_and_keeps_its_config(
+    uninterrupted, tmp_path, capsys):
+  """Re-running a finished run's command writes a missing export again (as evaluate's message
+  says), finishes again from the final checkpoint when results.json cannot be read, drops a
+  metrics line cut short by a kill, and leaves config.json as the run was trained."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(uninterrupted, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    trained_with = f.read()
+  with open(os.path.join(workdir, "results.json")) as f:
+    ref = json.load(f)
+  cfg = _config(checkpoint__every_steps=1, checkpoint__max_to_keep=40, train__log_every=3)
+  shutil.rmtree(os.path.join(workdir, "export", "params"))
+  train.train_and_evaluate(cfg, workdir)
+  assert "is missing or damaged: writing it again" in capsys.readouterr().out
+  for a, b in zip(_params(workdir), _params(uninterrupted)):
+    np.testing.assert_array_equal(a, b)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == trained_with  # log_every 3 was not what it trained with
+
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    f.write('{"eval_loss": 2.')  # cut short
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 30, "train_lo')  # a kill while appending
+  res = train.train_and_evaluate(_config(checkpoint__every_steps=1, checkpoint__max_to_keep=40),
+                                 workdir)
+  out = capsys.readouterr().out
+  assert "results.json cannot be read (JSONDecodeError" in out
+  assert "the last line is cut short" in out
+  assert res["eval_loss"] == ref["eval_loss"] and res["steps"] == 30
+  assert _records(workdir) == _records(uninterrupted)
+
+
+def test_metrics_lines_that_are_not_records_are_named(tmp_path):
+  from lsgd_jax import metrics  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{bad\n{"step": 2}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics record"):
+    metrics.read_jsonl(str(path))
+  path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+  assert metrics.read_jsonl(str(path)) == [{"step": 1}, {"step": 2}]
 
 
 @pytest.mark.parametrize("change, message", [

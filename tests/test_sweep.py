@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from lsgd_jax import model, report, sweep, train
+from lsgd_jax import model, report, sweep, train, verdict
 from lsgd_jax.config import base_config, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,3 +262,38 @@ def test_study_configs_cover_the_eight_sizes_with_costs():
   assert len(runs) == 38 and {r.size for r in runs} == set(model.STUDY_SIZES)
   text = sweep.describe(c, runs, "8xH100", 0.4)
   assert "38 runs, 4.93e+20 training FLOPs" in text and "43.3 hours" in text
+
+
+def test_a_rerun_keeps_failed_runs_failed_and_refuses_changed_settings(tmp_path):
+  """A run that learned nothing has results.json and failed.json: a re-run of the sweep keeps
+  it failed (it must not feed the tuning and the fits as done). A finished run whose settings
+  the sweep has since changed (here data.seq_len) is refused, before any file is rewritten;
+  a sweep axis can be replaced from the command line (a tuple field)."""
+  c = _tiny_sweep()
+  c.sweep.sizes, c.sweep.algorithms, c.sweep.reports = ["cpu-1"], ["ddp"], {}
+  assert isinstance(c.sweep.seeds, tuple)  # what --config.sweep.seeds="(0, 1)" needs
+
+  def learned_nothing(cfg, workdir):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort())
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"eval_loss": 5.5, "non_embedding_params": 1000, "tokens": 10, "flops": 1e6,
+                 "final_train_loss": 5.5, "train_seconds": 0.1, "tokens_per_sec": 100.0,
+                 "comm_bytes": 1.0, "failed_to_learn": True}, f)
+    raise verdict.FailedToLearn("failed to learn: no better than chance")
+
+  def not_called(cfg, workdir):
+    raise AssertionError(f"{workdir} was trained again")
+
+  rows = sweep.run_sweep(c, str(tmp_path), train_fn=learned_nothing, log=lambda s: None)
+  assert [r["status"] for r in rows] == ["failed"]
+  again = sweep.run_sweep(c, str(tmp_path), train_fn=not_called, log=lambda s: None)
+  assert [r["status"] for r in again] == ["failed"]
+
+  c.data.seq_len = 8
+  with pytest.raises(ValueError, match=r"finished with other settings than this sweep gives it "
+                     r"\(data\.seq_len: 16 -> 8\)"):
+    sweep.run_sweep(c, str(tmp_path), train_fn=not_called, log=lambda s: None)
+  with open(tmp_path / "sweep_config.json") as f:
+    assert json.load(f)["data"]["seq_len"] == 16

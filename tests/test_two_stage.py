@@ -1,4 +1,4 @@
-"""Two-stage outer sync (DESIGN.md section 4): same results as the plain sync, 1/|data| of the
+"""Two-stage outer sync (lsgd_jax/local_sgd.py): same results as the plain sync, 1/|data| of the
 cross-worker bytes and of the outer state per device, read from the compiled program and the
 arrays' shards."""
 
