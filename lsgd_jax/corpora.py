@@ -213,8 +213,12 @@ def _jsonl_documents(f: str, source: Source, domain: str) -> Iterator[tuple[str,
 
 
 def _parquet_documents(f: str, source: Source, domain: str) -> Iterator[tuple[str, str]]:
+  import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  pf = pq.ParquetFile(f)
+  try:
+    pf = pq.ParquetFile(f)
+  except pyarrow.ArrowException as e:  # not a Parquet file, or a damaged one
+    raise ValueError(f"Parquet file {f!r} cannot be read ({e}).") from None
   columns = pf.schema_arrow.names
   for name in filter(None, (source.text_field, source.domain_field)):
     if name not in columns:

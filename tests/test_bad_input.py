@@ -163,6 +163,14 @@ def test_a_binary_file_given_as_text_corpus_is_flagged(capsys):
   assert "does not look like text" in capsys.readouterr().out
 
 
+def test_a_damaged_parquet_corpus_is_named(tmp_path):
+  bad = tmp_path / "corpus.parquet"
+  bad.write_bytes(b"not parquet at all" * 8)
+  source = corpora.Source("local-x", (str(bad),))
+  with pytest.raises(ValueError, match=r"Parquet file '.*corpus.parquet' cannot be read \("):
+    list(corpora._parquet_documents(str(bad), source, "d"))  # pylint: disable=protected-access
+
+
 # --- workdirs
 
 
