@@ -298,8 +298,10 @@ class Checkpointer:
         raise ValueError(f"checkpoint {step} in {self.directory} was written by a run on "
                          f"{saved_devices} devices; this run has {jax.device_count()} (for fake "
                          "CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N), and "
-                         f"the state's layout follows them ({mismatch}). Resume on "
-                         f"{saved_devices} devices, or use a new workdir.")
+                         f"the state's layout follows the devices it uses ({mismatch}). Resume "
+                         f"on {saved_devices} devices (or with the layout settings it was "
+                         "written with: mesh.num_devices, local_sgd.two_stage, "
+                         "local_sgd.shard_outer), or use a new workdir.")
       if mismatch:
         raise ValueError(f"checkpoint {step} in {self.directory} holds a state of another shape "
                          f"than this run builds ({mismatch}); the run's layout or code changed "
@@ -372,6 +374,22 @@ def export_model(directory: str, params: Any, model_cfg: Any, extra: dict | None
   return directory
 
 
+def export_present(directory: str) -> bool:
+  """Whether `directory` holds a whole export (model.json readable, the parameters' metadata
+  readable), without reading the parameters themselves onto a device."""
+  directory = os.path.abspath(directory)
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    with open(os.path.join(directory, "model.json")) as f:
+      json.load(f)
+    meta = ckptr.metadata(os.path.join(directory, "params"))  # (a missing folder: empty)
+    return getattr(meta, "item_metadata", None) is not None
+  except Exception:  # noqa: BLE001  (missing files, JSON, orbax / tensorstore errors)
+    return False
+  finally:
+    ckptr.close()
+
+
 def load_model(directory: str):
   """(ModelConfig, params, info) of an exported model, parameters on the default device."""
   from lsgd_jax import model as model_lib
@@ -397,8 +415,8 @@ def load_model(directory: str):
     params = ckptr.restore(os.path.join(directory, "params"), abstract)
   except Exception as e:  # noqa: BLE001  (orbax / tensorstore: truncated or edited files)
     raise ValueError(f"the parameters in {os.path.join(directory, 'params')} cannot be read "
-                     f"({_first_line(e)}); the export is incomplete or damaged: re-run the "
-                     "training command of its workdir to export it again.") from None
+                     f"({_first_line(e)}); the export is incomplete or damaged: delete {directory} "
+                     "and re-run the training command of its workdir to export it again.") from None
   finally:
     ckptr.close()
   return cfg, params, info

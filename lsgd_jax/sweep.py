@@ -487,7 +487,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
     except ValueError as e:
       raise ValueError(f"{r.name()}: {e}") from None
   for r in runs:  # finished runs whose settings this sweep changed: refused before any file
-    if r.lr is not None:  # changes (the tuned runs' names are known later: checked then)
+    if r.lr is not None and not r.transfer:  # changes (tuned runs: named later, checked then)
       _check_finished(os.path.join(workdir, r.name(r.lr)), run_config(config, r, r.lr))
   lead = jax.process_index() == 0  # every process trains every run; process 0 writes the files
   if lead:
@@ -518,7 +518,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
       row = _row(config, run, lr, rundir, "failed", None)  # results.json exists as well)
       counts["skipped"] += 1
       what = "failed before"
-    elif results is not None:
+    elif results is not None and not os.path.exists(failed_path):  # (--retry_failed: again)
       wall = _read_json(wall_path).get("wall_seconds", math.nan) if os.path.exists(
           wall_path) else math.nan
       row = _row(config, run, lr, rundir, "done", results, wall)

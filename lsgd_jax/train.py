@@ -295,7 +295,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   results_path = os.path.join(workdir, "results.json")
   results = _read_results(results_path, tag) if start >= c.train.steps else None
   if results is not None:  # finished: config.json keeps the settings it was trained with
-    if not _export_intact(os.path.join(workdir, "export")):
+    if not checkpoint.export_present(os.path.join(workdir, "export")):
       print(f"{tag} the exported model in {os.path.join(workdir, 'export')} is missing or "
             "damaged: writing it again from the final checkpoint", flush=True)
       _export(s, workdir, state)
@@ -370,14 +370,6 @@ def _export(s: Setup, workdir: str, state: local_sgd.TrainState) -> str:
       os.path.join(workdir, "export"), local_sgd.global_params(state), s.model_cfg,
       {"tokenizer": tokenizers.describe(s.tokenizer),
        "config": json.loads(s.config.to_json_best_effort())})
-
-
-def _export_intact(directory: str) -> bool:
-  try:
-    checkpoint.load_model(directory)
-  except (OSError, ValueError):
-    return False
-  return True
 
 
 def _last_record(path: str, step: int) -> dict:

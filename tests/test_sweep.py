@@ -290,6 +290,9 @@ def test_a_rerun_keeps_failed_runs_failed_and_refuses_changed_settings(tmp_path)
   assert [r["status"] for r in rows] == ["failed"]
   again = sweep.run_sweep(c, str(tmp_path), train_fn=not_called, log=lambda s: None)
   assert [r["status"] for r in again] == ["failed"]
+  retried = sweep.run_sweep(c, str(tmp_path), train_fn=learned_nothing, log=lambda s: None,
+                            retry_failed=True)  # trained again (and fails again), not "done"
+  assert [r["status"] for r in retried] == ["failed"]
 
   c.data.seq_len = 8
   with pytest.raises(ValueError, match=r"finished with other settings than this sweep gives it "
@@ -297,3 +300,18 @@ def test_a_rerun_keeps_failed_runs_failed_and_refuses_changed_settings(tmp_path)
     sweep.run_sweep(c, str(tmp_path), train_fn=not_called, log=lambda s: None)
   with open(tmp_path / "sweep_config.json") as f:
     assert json.load(f)["data"]["seq_len"] == 16
+
+
+def test_a_grid_that_tunes_the_outer_optimizer_alone_runs(tmp_path):
+  """Runs that take the tuned outer optimizer at a given lr: their names are known only once
+  the tuning runs are done (the finished-run check must wait for them)."""
+  c = _tiny_sweep()
+  s = c.sweep
+  s.sizes, s.algorithms, s.lrs, s.reports = ["cpu-1"], ["local_sgd"], [1e-3], {}
+  s.outer = ["nesterov:0.7:0.9", "average"]
+  s.grids.seeds = {"seeds": [1], "outer": ["tuned"]}
+  fake, calls = _fake_train({1e-3: 3.0}, bonus=lambda cfg: -0.05 * (
+      cfg.local_sgd.outer_optimizer == "average"))
+  rows = sweep.run_sweep(c, str(tmp_path), train_fn=fake, log=lambda s: None)
+  assert len(calls) == len(rows) == 3
+  assert [r["outer_optimizer"] for r in rows if r["seed"] == 1] == ["average"]
