@@ -513,7 +513,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
     results_path, failed_path = (os.path.join(rundir, f) for f in ("results.json", "failed.json"))
     wall_path = os.path.join(rundir, "wall_seconds.json")
     t_run = time.perf_counter()
-    results = _check_finished(rundir, run_config(config, run, lr))
+    run_cfg = run_config(config, run, lr)
+    results = _check_finished(rundir, run_cfg)
+    if (results is not None and results.get("failed_to_learn") and lead and not
+        os.path.exists(failed_path) and run_cfg.train.on_no_learning == "error"):
+      with open(failed_path, "w") as f:  # killed between its results.json and failed.json
+        json.dump({"error": results.get("verdict", "failed to learn")}, f)
     if os.path.exists(failed_path) and not retry_failed:  # diverged, or learned nothing (then
       row = _row(config, run, lr, rundir, "failed", None)  # results.json exists as well)
       counts["skipped"] += 1

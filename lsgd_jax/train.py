@@ -72,8 +72,11 @@ class Setup:
 
   def evaluate(self, state: local_sgd.TrainState) -> float:
     params = local_sgd.global_params(state)
-    losses = [self.eval_step(params, mesh_lib.put_global(b, self.layout.batch))
-              for b in self.dataset.eval_batches()]
+    losses = []
+    for b in self.dataset.eval_batches():
+      losses.append(self.eval_step(params, mesh_lib.put_global(b, self.layout.batch)))
+      if len(losses) % 8 == 0:  # at most 8 programs in flight: with dozens queued on fake CPU
+        jax.block_until_ready(losses[-1])  # devices, XLA:CPU's all-reduce rendezvous timed out
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -166,8 +169,9 @@ def _truncate_metrics(path: str, step: int) -> None:
   if jax.process_index() != 0 or not os.path.exists(path):
     return
   keep = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step] if step else []
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:  # replaced whole: a kill meanwhile leaves the old file
     f.writelines(json.dumps(r) + "\n" for r in keep)
+  os.replace(path + ".tmp", path)
 
 
 def _checkpointer(ck: ml_collections.ConfigDict, workdir: str,
@@ -326,7 +330,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             "after an outer sync", flush=True)
     writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
   t_start = time.perf_counter()
-  state, end, acts = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds, state,
+  state, end, acts, pending = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds,
+                                     state,
                             batches, meta, start, tag)
   train_time = time.perf_counter() - t_start
   eval_loss, last_record = acts.evaluation.loss, acts.log.last_record
@@ -339,10 +344,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
     results = _finish(s, workdir, ckpt, state, progs, tally, memory, eval_loss, last_record,
                       start, train_time, tag)
-  if late.signum is not None:
-    print(f"{tag} signal {late.signum} arrived during the final save and export; they completed "
+  signum = late.signum if late.signum is not None else pending
+  if signum is not None:  # (pending: after the last step's check, before the final save)
+    print(f"{tag} signal {signum} arrived during the final save and export; they completed "
           f"first: results in {results_path}.", flush=True)
-    raise Preempted(late.signum, c.train.steps)
+    raise Preempted(signum, c.train.steps)
   return _judged(results, c)
 
 
@@ -370,6 +376,11 @@ def _export(s: Setup, workdir: str, state: local_sgd.TrainState) -> str:
       os.path.join(workdir, "export"), local_sgd.global_params(state), s.model_cfg,
       {"tokenizer": tokenizers.describe(s.tokenizer),
        "config": json.loads(s.config.to_json_best_effort())})
+
+
+def _metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  return metrics_lib.read_jsonl(path) if os.path.exists(path) else []
 
 
 def _last_record(path: str, step: int) -> dict:
@@ -451,7 +462,7 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
            rounds: rounds_lib.Rounds, state: local_sgd.TrainState, batches: "Batches",
            meta: dict, start: int, tag: str):
   """Runs the loop with SIGTERM / SIGINT turned into a flag: (state, what the last step left
-  (None if no step ran), the actions). On an exception the data thread, a trace, the
+  (None if no step ran), the actions, a signal that arrived after the loop's last check). On an exception the data thread, a trace, the
   checkpointer (a save in flight completes: the last good checkpoint is kept) and the writer
   are closed first."""
   c = s.config
@@ -481,7 +492,7 @@ def _train(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, prefetch: data
       ckpt.close()
       writer.close()
       raise
-  return state, end, acts
+  return state, end, acts, stop.signum
 
 
 def steps_per_call(configured: int, per_step: bool) -> int:
@@ -594,6 +605,13 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
   export_dir = _export(s, workdir, state)
   ckpt.close()
   total, tokens_per_step, sim = c.train.steps, tally.tokens_per_step, tally.sim
+  tokens_per_sec = (total - start) * tokens_per_step / train_time
+  rate_from = "this process's steps"
+  if start >= total:  # finished from its final checkpoint: no step timed here, so the rate
+    rates = [r["tokens_per_sec"] for r in _metrics(workdir) if r.get("tokens_per_sec")]
+    if rates:  # is the median of the rates the run logged while it trained
+      tokens_per_sec, rate_from = float(np.median(rates)), "metrics.jsonl (median)"
+      train_time = total * tokens_per_step / tokens_per_sec
   results = {
       "algorithm": c.algorithm, "model_size": c.model.size,
       "non_embedding_params": model.non_embedding_params(s.model_cfg),
@@ -605,7 +623,7 @@ def _finish(s: Setup, workdir: str, ckpt: checkpoint.Checkpointer, state: local_
       "eval_every": _eval_every(s),
       "eval_params": ("global parameters right after an outer sync" if s.is_local_sgd
                       else "the model"),
-      "tokens_per_sec": (total - start) * tokens_per_step / train_time,
+      "tokens_per_sec": tokens_per_sec, "tokens_per_sec_from": rate_from,
       "train_seconds": train_time, "resumed_from": start,
       "comm_bytes": tally.comm_bytes, "comm_bytes_per_step": progs.step_comm.wire_bytes,
       "comm_bytes_per_sync": progs.sync_comm.wire_bytes, "export": export_dir,

@@ -132,6 +132,52 @@ def test_a_finished_run_rewrites_a_lost_export_or_results_and_keeps_its_config(
   assert "the last line is cut short" in out
   assert res["eval_loss"] == ref["eval_loss"] and res["steps"] == 30
   assert _records(workdir) == _records(uninterrupted)
+  # no step was timed by the re-run: the rate is the one the run logged, not 0
+  assert res["tokens_per_sec_from"] == "metrics.jsonl (median)" and res["tokens_per_sec"] > 0
+
+
+def test_metrics_are_truncated_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A resume rewrites metrics.jsonl up to its checkpoint; a failure (or a kill) in the middle
+  of the rewrite leaves the old file, not an emptied one."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (5, 10, 15)))
+  calls = []
+
+  def dies_on_second(record):
+    calls.append(record)
+    if len(calls) == 2:
+      raise OSError("killed")
+    return json.JSONEncoder().encode(record)
+  monkeypatch.setattr(train.json, "dumps", dies_on_second)
+  with pytest.raises(OSError):
+    train._truncate_metrics(str(path), 10)  # pylint: disable=protected-access
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [5, 10, 15]
+  monkeypatch.undo()
+  train._truncate_metrics(str(path), 10)  # pylint: disable=protected-access
+  assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [5, 10]
+
+
+def test_a_signal_after_the_last_step_is_not_lost(tmp_path, monkeypatch, capsys):
+  """SIGTERM between the loop's last check and the final save: the run finishes its save,
+  export and results, then says so and stops as preempted (exit 143 in a binary)."""
+  from lsgd_jax import data  # pylint: disable=import-outside-toplevel
+  close = data.Prefetcher.close
+  sent = []
+
+  def close_and_signal(self):
+    if not sent:  # the first close: right after the loop's last step
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)
+    return close(self)
+  monkeypatch.setattr(data.Prefetcher, "close", close_and_signal)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(_config(20), workdir)
+  assert f"signal {signal.SIGTERM} arrived during the final save and export" in (
+      capsys.readouterr().out)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["steps"] == 20
 
 
 def test_metrics_lines_that_are_not_records_are_named(tmp_path):

@@ -36,7 +36,8 @@ ARGS = ["--config=configs/tiny.py", "--config.model.size=cpu-micro", "--config.t
 OVERRIDES = {"model__size": "cpu-micro", "train__steps": 20, "train__eval_every": 10,
              "train__log_every": 5, "checkpoint__every_steps": 10, "checkpoint__every_minutes": 0}
 VOLATILE_METRICS = ("tokens_per_sec",)  # wall clock
-VOLATILE_RESULTS = ("tokens_per_sec", "train_seconds", "resumed_from", "export")  # and paths
+VOLATILE_RESULTS = ("tokens_per_sec", "tokens_per_sec_from", "train_seconds", "resumed_from",
+                    "export")  # and paths
 
 
 def _cmd(workdir, *extra):

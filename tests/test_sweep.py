@@ -293,6 +293,11 @@ def test_a_rerun_keeps_failed_runs_failed_and_refuses_changed_settings(tmp_path)
   retried = sweep.run_sweep(c, str(tmp_path), train_fn=learned_nothing, log=lambda s: None,
                             retry_failed=True)  # trained again (and fails again), not "done"
   assert [r["status"] for r in retried] == ["failed"]
+  # killed between the run's results.json and the sweep's failed.json: still failed
+  (failed,) = [p for p in tmp_path.glob("*/failed.json")]
+  failed.unlink()
+  again = sweep.run_sweep(c, str(tmp_path), train_fn=not_called, log=lambda s: None)
+  assert [r["status"] for r in again] == ["failed"] and failed.exists()
 
   c.data.seq_len = 8
   with pytest.raises(ValueError, match=r"finished with other settings than this sweep gives it "
