@@ -46,6 +46,7 @@ from lsgd_jax.config import base_config
 # Changing one of these makes a saved state mean something else (or not fit): a clear error.
 UNSAFE_KEYS = ("algorithm", "seed", "model.", "data.name", "data.path", "data.tokenizer",
                "data.vocab_size", "data.seq_len", "data.non_iid", "data.dirichlet_alpha",
+               "data.val_fraction", "data.text_field", "data.domain_field",
                "train.global_batch", "optim.name", "local_sgd.num_workers",
                "local_sgd.outer_optimizer", "train.on_nonfinite")
 # Keys under an unsafe prefix that change neither the state nor the function it computes.

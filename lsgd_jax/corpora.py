@@ -224,6 +224,10 @@ def _parquet_documents(f: str, source: Source, domain: str) -> Iterator[tuple[st
     if name not in columns:
       raise ValueError(f"Parquet file {f!r} has no column {name!r}; its columns: {columns}. "
                        "Set data.text_field / data.domain_field.")
+  kind = pf.schema_arrow.field(source.text_field).type
+  if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+    raise ValueError(f"Parquet file {f!r}: column {source.text_field!r} holds {kind}, not text; "
+                     "set data.text_field to a column of strings.")
   wanted = [c for c in (source.text_field, source.domain_field) if c]
   count = 0
   for batch in pf.iter_batches(columns=wanted):

@@ -92,6 +92,25 @@ def make_windows(bounds: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
   return np.concatenate(starts), np.concatenate(doms)
 
 
+def _boundary_note() -> str:
+  return ("sequences never cross from one document to the next (a file, or a value of "
+          "data.domain_field)")
+
+
+def _warn_unused(tokens: np.ndarray, bounds: np.ndarray, used: int, width: int,
+                 threshold: float = 0.8) -> None:
+  """A line when whole windows cover less than `threshold` of the corpus (short documents)."""
+  if not len(tokens) or used >= threshold * len(tokens):
+    return
+  sizes = np.diff(bounds)
+  short = int(np.sum(sizes < width))
+  print(f"WARNING: {used:,} of the corpus's {len(tokens):,} tokens ({100 * used / len(tokens):.0f}%) "
+        f"are trained on or held out: {_boundary_note()}, so each document's last "
+        f"{width - 1} tokens at most are left out, and {short} of {len(sizes)} documents are "
+        f"shorter than one sequence of {width} tokens. Join small files or use a shorter "
+        "data.seq_len to use more of it.", flush=True)
+
+
 def split_windows(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   """(train, val) window indices: a fixed random `val_fraction` (at least one) is held out."""
   order = np.random.default_rng(SPLIT_SEED).permutation(n)
@@ -466,8 +485,12 @@ def build_dataset(name: str, path: str = "", *, seq_len: int, num_workers: int,
     tokens, bounds, _ = tokenize_corpus(load, tok, token_cache)
     starts, window_domains = make_windows(bounds, seq_len + 1)
     if len(starts) < 2:
-      raise ValueError(f"The corpus {name!r} has {len(tokens)} tokens: shorter than two sequences "
-                       f"of {seq_len + 1} tokens (one to train on, one to validate on).")
+      raise ValueError(f"The corpus {name!r} has {len(tokens)} tokens, but {len(starts)} "
+                       f"sequence(s) of {seq_len + 1} tokens within one document: "
+                       f"{_boundary_note()}; two are needed (one to train on, one to validate "
+                       "on). Use longer documents (e.g. join small files) or a shorter "
+                       "data.seq_len.")
+    _warn_unused(tokens, bounds, len(starts) * (seq_len + 1), seq_len + 1)
     train, val = split_windows(len(starts), val_fraction)
     parts = partition(window_domains[train], num_workers, non_iid, dirichlet_alpha, seed)
     spec.update(corpus=f"{name}/{source.name}", tokenizer=tok.identity, windows=len(starts))

@@ -81,6 +81,12 @@ def _launcher_detected(env: Mapping[str, str]) -> bool:
   return slurm or (_env_int(env, "OMPI_COMM_WORLD_SIZE") or 1) > 1
 
 
+def _cpu_collectives() -> None:
+  """CPU processes talk through gloo unless the user chose otherwise."""
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *,
                local_device_ids: int | Sequence[int] | None = None,
@@ -102,8 +108,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   detected = _launcher_detected(os.environ)
   if not explicit and not detected and not _on_cloud_tpu():
     return False
-  if jax.config.jax_cpu_collectives_implementation is None:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  _cpu_collectives()
+  if explicit:  # a missing coordinator or peer is otherwise minutes of silence, then an abort
+    print(f"[distributed] process {process_id if process_id is not None else '?'} of "
+          f"{num_processes if num_processes is not None else '?'}: joining the coordinator at "
+          f"{coordinator_address or '(detected)'}, waiting up to {initialization_timeout} s for "
+          "every process", flush=True)
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
@@ -120,6 +130,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     # libtpu is installed but JAX found no TPU cluster (e.g. a single-host VM): one process.
     logging.info("No TPU cluster detected; running as a single process.")
     return False
+  if num_processes is not None and jax.process_count() != num_processes:
+    raise ValueError(f"--num_processes={num_processes} here, but the coordinator at "
+                     f"{coordinator_address} runs {jax.process_count()} processes: give every "
+                     "process the same count.")
   return jax.process_count() > 1
 
 

@@ -71,14 +71,26 @@ class SentencePieceTokenizer:
     return self._sp.decode(ids)
 
 
+# SentencePiece's trainer skips every line longer than max_sentence_length (4,192 bytes) without a
+# word: a corpus of long lines (CJK without line breaks, one paragraph per line) left it nothing
+# to learn from. Lines are cut into pieces of at most this many characters (4 bytes each at most
+# in UTF-8) for training; encoding is not limited.
+_TRAIN_PIECE_CHARS = 1000
+
+
 def _lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-  """Non-empty lines of the texts (SentencePiece trains on lines), up to `max_chars` in all."""
+  """Non-empty lines of the texts (SentencePiece trains on lines), long ones cut into pieces of
+  at most `_TRAIN_PIECE_CHARS` (at a space where there is one), up to `max_chars` in all."""
   seen = 0
   for text in texts:
     for line in text.split("\n"):
-      if line:
-        yield line
-        seen += len(line)
+      while line:
+        piece = line[:_TRAIN_PIECE_CHARS]
+        if len(line) > _TRAIN_PIECE_CHARS and " " in piece[1:]:
+          piece = piece[:piece.rindex(" ")]  # the space starts the next piece, as in the text
+        line = line[len(piece):]
+        yield piece
+        seen += len(piece)
         if seen >= max_chars:
           return
 

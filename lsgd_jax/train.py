@@ -278,6 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   `train.on_no_learning = "error"`.
   """
   workdir = os.fspath(workdir)
+  validate(config)  # (a dict, a misspelt key: one line before the workdir is touched)
   with workdir_lib.claim(workdir, lead=jax.process_index() == 0), \
       workdir_lib.stop_on_signal(f"[{name or config.algorithm}]"):
     return _train_and_evaluate(config, workdir, name)

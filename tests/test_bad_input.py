@@ -139,6 +139,10 @@ def test_keys_misspelt_in_python_and_configs_of_another_type_are_refused():
     config_lib.validate(c)  # ... the schema does not
   with pytest.raises(TypeError, match="must be an ml_collections.ConfigDict .* got a dict"):
     config_lib.validate(small_config().to_dict())
+  from lsgd_jax import train  # pylint: disable=import-outside-toplevel
+  with pytest.raises(TypeError, match="must be an ml_collections.ConfigDict .* got a dict"):
+    train.train_and_evaluate(small_config().to_dict(), "/tmp/unused-lsgd-workdir")
+  assert not os.path.exists("/tmp/unused-lsgd-workdir")
 
 
 def test_compare_refuses_an_empty_or_unknown_list_of_algorithms(tmp_path):
@@ -169,6 +173,13 @@ def test_a_damaged_parquet_corpus_is_named(tmp_path):
   source = corpora.Source("local-x", (str(bad),))
   with pytest.raises(ValueError, match=r"Parquet file '.*corpus.parquet' cannot be read \("):
     list(corpora._parquet_documents(str(bad), source, "d"))  # pylint: disable=protected-access
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  numbers = tmp_path / "numbers.parquet"
+  pq.write_table(pa.table({"text": [1, 2, 3]}), str(numbers))
+  with pytest.raises(ValueError, match=r"numbers.parquet': column 'text' holds int64, not text"):
+    list(corpora._parquet_documents(str(numbers), corpora.Source("local-y", (str(numbers),)),
+                                    "d"))  # pylint: disable=protected-access
 
 
 # --- workdirs

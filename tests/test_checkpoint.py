@@ -194,6 +194,7 @@ def test_metrics_lines_that_are_not_records_are_named(tmp_path):
     ({"local_sgd__num_workers": 2}, r"local_sgd.num_workers: 4 -> 2"),
     ({"model__size": "cpu-small"}, r"model.size: 'cpu-micro' -> 'cpu-small'"),
     ({"data__tokenizer": "sentencepiece"}, r"data.tokenizer: 'byte' -> 'sentencepiece'"),
+    ({"data__val_fraction": 0.5}, r"data.val_fraction: 0.05 -> 0.5"),  # the split would move
 ])
 def test_unsafe_config_change_is_rejected(uninterrupted, change, message):
   with pytest.raises(ValueError, match=message):

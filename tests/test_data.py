@@ -352,7 +352,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tfds_dir, text_folder, no_netwo
   (tmp_path / "empty.txt").write_text("")
   fails(ValueError, r"Corpus file '.*empty.txt' is empty", "text", tmp_path / "empty.txt")
   (tmp_path / "short.txt").write_text("Too short.\n")
-  fails(ValueError, r"has 12 tokens: shorter than two sequences of 32 tokens", "text",
+  fails(ValueError, r"has 12 tokens, but 0 sequence\(s\) of 32 tokens within one document", "text",
         tmp_path / "short.txt")
   (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
   fails(ValueError, r"docs.jsonl:2 has no text field 'text' \(a string\); its fields: \['body'\]",
@@ -409,3 +409,30 @@ def test_the_loop_builds_on_the_users_text_with_a_trained_vocabulary(text_folder
   s = train.build(c)
   assert s.model_cfg.vocab_size == s.dataset.vocab_size == 400
   assert s.device_batch(0).shape == (8, 2, 32)
+
+
+def test_sentencepiece_learns_from_lines_longer_than_its_trainer_takes(tmp_path):
+  """SentencePiece's trainer skips lines over 4,192 bytes without a word; a corpus whose text
+  has no line breaks (here 20,000 CJK characters) left it nothing and training failed. The
+  lines are cut into pieces for training, and the model still round-trips the whole text."""
+  import random  # pylint: disable=import-outside-toplevel
+  rng = random.Random(0)
+  text = "".join(chr(0x4E00 + rng.randrange(300)) for _ in range(20_000))
+  path = tokenizers.train_sentencepiece([text], 1024, str(tmp_path / "cjk.model"))
+  tok = tokenizers.build_tokenizer(path, vocab_size=1024, cache_dir=None)
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text and len(ids) < len(text.encode("utf-8")) / 2
+
+
+def test_a_corpus_of_short_documents_says_how_much_of_it_is_used(capsys):
+  """Sequences never cross a document boundary, so short documents are never trained on; the
+  corpus's builder says how much is used instead of dropping it without a word."""
+  sizes = [45] * 300 + [101] * 300  # tokens per document; sequences of 65
+  bounds = np.concatenate([[0], np.cumsum(sizes)])
+  starts, _ = data.make_windows(bounds, 65)
+  data._warn_unused(np.zeros(bounds[-1], np.int32), bounds, len(starts) * 65, 65)  # pylint: disable=protected-access
+  out = capsys.readouterr().out
+  assert "19,500 of the corpus's 43,800 tokens (45%)" in out
+  assert "300 of 600 documents are shorter than one sequence of 65 tokens" in out
+  data._warn_unused(np.zeros(1000, np.int32), np.array([0, 1000]), 975, 65)  # pylint: disable=protected-access
+  assert capsys.readouterr().out == ""  # 97.5% used: nothing to say

@@ -230,3 +230,21 @@ def test_initialize_is_a_no_op_for_one_process(monkeypatch):
     monkeypatch.delenv(key, raising=False)
   assert distributed.initialize() is False
   assert distributed.initialize(num_processes=1) is False
+
+
+def test_initialize_says_whom_it_waits_for_and_checks_the_process_count(monkeypatch, capsys):
+  """A process given another --num_processes than the coordinator's joined silently (and
+  trained as if it were alone, or both aborted later); now one line names the mismatch. The
+  join itself is announced, since a missing coordinator is minutes of silence."""
+  joined = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: joined.append(kw))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # what the coordinator runs
+  monkeypatch.setattr(distributed, "_cpu_collectives", lambda: None)
+  with pytest.raises(ValueError, match=r"--num_processes=3 here, but the coordinator at "
+                     r"127.0.0.1:1234 runs 2 processes"):
+    distributed.initialize("127.0.0.1:1234", 3, 1, initialization_timeout=60)
+  assert joined and joined[0]["num_processes"] == 3
+  assert ("process 1 of 3: joining the coordinator at 127.0.0.1:1234, waiting up to 60 s"
+          in capsys.readouterr().out)
+  assert distributed.initialize("127.0.0.1:1234", 2, 1) is True
