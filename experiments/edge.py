@@ -193,7 +193,8 @@ def main(argv):
   del argv  # cli.run refuses positional arguments
   names = list(_SCENARIOS.value)
   if not names:
-    raise ValueError(f"--scenarios is empty; allowed a comma list of: {', '.join(edge.SCENARIOS)}.")
+    raise ValueError("--scenarios is empty; allowed a comma list of: "
+                     f"{', '.join(edge.SCENARIOS)}.")
   for n in names:
     edge.scenario_config(_CONFIG.value, n)  # unknown names fail before any training
   if not _REPORT_ONLY.value:

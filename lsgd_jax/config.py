@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.size = "cpu-tiny"       # a preset of lsgd_jax.model.PRESETS ("5M" ... "800M", "cpu-*")
   c.model.dtype = "float32"       # compute dtype: "float32" or "bfloat16" (parameters stay float32;
-  #                                 bfloat16 is for GPUs / TPUs: 8-15% slower on a CPU, docs/benchmarks.md)
+  #                                 bfloat16 is for GPUs / TPUs: 8-15% slower on a CPU, as
+  #                                 measured in docs/benchmarks.md)
   c.model.tie_embeddings = False  # share the input embedding with the output head
   c.model.max_seq_len = 2048      # longest sequence the model accepts
   c.model.attention = "auto"      # "xla", "cudnn" (fused, GPU + bfloat16) or "auto" (cudnn there)
@@ -417,8 +418,9 @@ def shard_outer(c: ml_collections.ConfigDict) -> str | bool:
 
 
 def check_outer_layout(c: ml_collections.ConfigDict, two_stage: bool) -> None:
-  """The two-stage outer sync (local_sgd.py, Layout.two_stage) updates each device's slice of a flattened leaf on its
-  own: only optimizers that act element by element give the same result there."""
+  """The two-stage outer sync (local_sgd.py, Layout.two_stage) updates each device's slice of a
+  flattened leaf on its own: only optimizers that act element by element give the same result
+  there."""
   s = c.local_sgd
   if c.algorithm != "local_sgd" or not two_stage:
     return

@@ -104,7 +104,8 @@ def _warn_unused(tokens: np.ndarray, bounds: np.ndarray, used: int, width: int,
     return
   sizes = np.diff(bounds)
   short = int(np.sum(sizes < width))
-  print(f"WARNING: {used:,} of the corpus's {len(tokens):,} tokens ({100 * used / len(tokens):.0f}%) "
+  share = 100 * used / len(tokens)
+  print(f"WARNING: {used:,} of the corpus's {len(tokens):,} tokens ({share:.0f}%) "
         f"are trained on or held out: {_boundary_note()}, so each document's last "
         f"{width - 1} tokens at most are left out, and {short} of {len(sizes)} documents are "
         f"shorter than one sequence of {width} tokens. Join small files or use a shorter "

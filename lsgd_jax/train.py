@@ -332,8 +332,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write({"step": 0, "tokens": 0, "comm_bytes": 0.0, "eval_loss": s.evaluate(state)})
   t_start = time.perf_counter()
   state, end, acts, pending = _train(s, workdir, ckpt, prefetch, writer, tally, progs, rounds,
-                                     state,
-                            batches, meta, start, tag)
+                                     state, batches, meta, start, tag)
   train_time = time.perf_counter() - t_start
   eval_loss, last_record = acts.evaluation.loss, acts.log.last_record
   with periodic.SignalFlag() as late:  # the final save and export complete before a signal acts

@@ -430,9 +430,10 @@ def test_a_corpus_of_short_documents_says_how_much_of_it_is_used(capsys):
   sizes = [45] * 300 + [101] * 300  # tokens per document; sequences of 65
   bounds = np.concatenate([[0], np.cumsum(sizes)])
   starts, _ = data.make_windows(bounds, 65)
-  data._warn_unused(np.zeros(bounds[-1], np.int32), bounds, len(starts) * 65, 65)  # pylint: disable=protected-access
+  warn = data._warn_unused  # pylint: disable=protected-access
+  warn(np.zeros(bounds[-1], np.int32), bounds, len(starts) * 65, 65)
   out = capsys.readouterr().out
   assert "19,500 of the corpus's 43,800 tokens (45%)" in out
   assert "300 of 600 documents are shorter than one sequence of 65 tokens" in out
-  data._warn_unused(np.zeros(1000, np.int32), np.array([0, 1000]), 975, 65)  # pylint: disable=protected-access
+  warn(np.zeros(1000, np.int32), np.array([0, 1000]), 975, 65)
   assert capsys.readouterr().out == ""  # 97.5% used: nothing to say
