@@ -40,13 +40,6 @@ flags.mark_flags_as_required(["results", "out"])
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  if _N_BOOT.value < 2:
-    raise ValueError(f"--n_boot={_N_BOOT.value}: allowed an integer >= 2 bootstrap resamples "
-                     "(e.g. 1000).")
-  if not 0 < _LEVEL.value < 1:
-    raise ValueError(f"--level={_LEVEL.value}: allowed an interval level in (0, 1), e.g. 0.95.")
-  if _SEED.value < 0:
-    raise ValueError(f"--seed={_SEED.value}: allowed an integer >= 0.")
   if _STUDY.value and flags.FLAGS["level"].present:
     raise ValueError("--level applies to the plain fit; --study=v2's report states its own "
                      "intervals (95%).")

@@ -66,6 +66,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def check_compatible(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
   """Raises ValueError if resuming under `current` would misread the saved state; returns the
   safe changes (e.g. total steps, log interval) as readable lines."""
+  unsafe, safe = config_changes(saved, current)
+  if unsafe:
+    raise ValueError("The checkpoint was written with a different configuration that changes "
+                     "the state's shape or meaning: " + "; ".join(unsafe) +
+                     ". Use a new workdir for the new configuration, or restore the old values.")
+  return safe
+
+
+def config_changes(saved: dict, current: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """(unsafe, safe) differences between a saved config and `current`, as "key: old -> new"."""
   old = _flatten(saved)
   new = _flatten(json.loads(current.to_json_best_effort()))
   defaults = _flatten(json.loads(base_config().to_json_best_effort()))
@@ -77,11 +87,7 @@ def check_compatible(saved: dict, current: ml_collections.ConfigDict) -> list[st
     line = f"{key}: {a!r} -> {b!r}"
     (unsafe if key not in SAFE_KEYS and any(key == u or (u.endswith(".") and key.startswith(u))
                                             for u in UNSAFE_KEYS) else safe).append(line)
-  if unsafe:
-    raise ValueError("The checkpoint was written with a different configuration that changes "
-                     "the state's shape or meaning: " + "; ".join(unsafe) +
-                     ". Use a new workdir for the new configuration, or restore the old values.")
-  return safe
+  return unsafe, safe
 
 
 class CheckpointsDamaged(ValueError):
@@ -265,10 +271,6 @@ class Checkpointer:
       what = f"checkpoint {step}" if step is not None else "a checkpoint"
       raise write_error(what, self.directory, self._needed, e) from None
 
-  def _warn(self, step: int, why: str) -> None:
-    print(f"WARNING: checkpoint {step} is damaged ({why}); trying an older one.", flush=True)
-    self._damaged.append(f"{step} ({why})")
-
   def restore_latest(self, abstract_state: Any, check_meta=None) -> tuple[Any, dict] | None:
     """The newest checkpoint that restores intact, or None.
 
@@ -279,13 +281,18 @@ class Checkpointer:
     If there are checkpoints but none is intact, raises `CheckpointsDamaged` rather than start
     the run again from step 0 (which would throw its work away without a word).
     """
-    self._damaged = []
+    damaged = []
+
+    def skip(step: int, why: str) -> None:
+      print(f"WARNING: checkpoint {step} is damaged ({why}); trying an older one.", flush=True)
+      damaged.append(f"{step} ({why})")
+
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         meta = dict(self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"])
       except Exception as e:  # noqa: BLE001  (any failure to read means: try the previous one)
-        self._warn(step, f"its meta cannot be read: {_first_line(e)}")
+        skip(step, f"its meta cannot be read: {_first_line(e)}")
         continue
       if check_meta is not None:
         check_meta(meta)
@@ -294,35 +301,31 @@ class Checkpointer:
       except Exception:  # noqa: BLE001  (old orbax layouts: the restore below decides)
         stored = None
       mismatch = _shape_mismatch(stored, abstract_state) if stored is not None else None
-      saved_devices = meta.get("devices")
-      if mismatch and saved_devices and saved_devices != jax.device_count():
-        raise ValueError(f"checkpoint {step} in {self.directory} was written by a run on "
-                         f"{saved_devices} devices; this run has {jax.device_count()} (for fake "
-                         "CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N), and "
-                         f"the state's layout follows the devices it uses ({mismatch}). Resume "
-                         f"on {saved_devices} devices (or with the layout settings it was "
-                         "written with: mesh.num_devices, local_sgd.two_stage, "
-                         "local_sgd.shard_outer), or use a new workdir.")
       if mismatch:
+        saved_devices = meta.get("devices")  # (checkpoints from before 2026-12-06: absent)
+        moved = (f"it was written by a run on {saved_devices} devices and this run has "
+                 f"{jax.device_count()} (fake CPU devices: XLA_FLAGS=--xla_force_host_platform_"
+                 "device_count=N), or " if saved_devices and saved_devices != jax.device_count()
+                 else "")
         raise ValueError(f"checkpoint {step} in {self.directory} holds a state of another shape "
-                         f"than this run builds ({mismatch}); the run's layout or code changed "
-                         "(e.g. mesh.num_devices, local_sgd.two_stage, local_sgd.shard_outer: "
-                         "runs saved before 2026-12-06 hold the outer state replicated, resume "
-                         "them with --config.local_sgd.shard_outer=False). Use a new workdir, or "
-                         "the settings it was written with.")
+                         f"than this run builds ({mismatch}): {moved}the run's layout or code "
+                         "changed (e.g. mesh.num_devices, local_sgd.two_stage, "
+                         "local_sgd.shard_outer: runs saved before 2026-12-06 hold the outer state "
+                         "replicated, resume them with --config.local_sgd.shard_outer=False). Use "
+                         "a new workdir, or the devices and settings it was written with.")
       try:
         state = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
       except Exception as e:  # noqa: BLE001
-        self._warn(step, f"{_first_line(e)}")
+        skip(step, _first_line(e))
         continue
       if "checksum" in meta and state_checksum(state) != list(meta["checksum"]):
-        self._warn(step, "its state does not match the checksum written with it")
+        skip(step, "its state does not match the checksum written with it")
         continue
       return state, meta
-    if self._damaged:
+    if damaged:
       raise CheckpointsDamaged(
-          f"every checkpoint in {self.directory} is damaged: {'; '.join(self._damaged)}. "
+          f"every checkpoint in {self.directory} is damaged: {'; '.join(damaged)}. "
           "Resuming would start the run again from step 0. To do that, move the folder aside "
           "(or delete it) and re-run; to keep the work, put back intact copies of its files.")
     return None

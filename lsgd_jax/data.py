@@ -92,9 +92,8 @@ def make_windows(bounds: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
   return np.concatenate(starts), np.concatenate(doms)
 
 
-def _boundary_note() -> str:
-  return ("sequences never cross from one document to the next (a file, or a value of "
-          "data.domain_field)")
+_BOUNDARY_NOTE = ("sequences never cross from one document to the next (a file, or a value of "
+                  "data.domain_field)")
 
 
 def _warn_unused(tokens: np.ndarray, bounds: np.ndarray, used: int, width: int,
@@ -106,7 +105,7 @@ def _warn_unused(tokens: np.ndarray, bounds: np.ndarray, used: int, width: int,
   short = int(np.sum(sizes < width))
   share = 100 * used / len(tokens)
   print(f"WARNING: {used:,} of the corpus's {len(tokens):,} tokens ({share:.0f}%) "
-        f"are trained on or held out: {_boundary_note()}, so each document's last "
+        f"are trained on or held out: {_BOUNDARY_NOTE}, so each document's last "
         f"{width - 1} tokens at most are left out, and {short} of {len(sizes)} documents are "
         f"shorter than one sequence of {width} tokens. Join small files or use a shorter "
         "data.seq_len to use more of it.", flush=True)
@@ -488,7 +487,7 @@ def build_dataset(name: str, path: str = "", *, seq_len: int, num_workers: int,
     if len(starts) < 2:
       raise ValueError(f"The corpus {name!r} has {len(tokens)} tokens, but {len(starts)} "
                        f"sequence(s) of {seq_len + 1} tokens within one document: "
-                       f"{_boundary_note()}; two are needed (one to train on, one to validate "
+                       f"{_BOUNDARY_NOTE}; two are needed (one to train on, one to validate "
                        "on). Use longer documents (e.g. join small files) or a shorter "
                        "data.seq_len.")
     _warn_unused(tokens, bounds, len(starts) * (seq_len + 1), seq_len + 1)

@@ -140,13 +140,20 @@ class Analysis:
     return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
+def check_bootstrap(n_boot, seed, level: float = 0.95) -> None:
+  """The bootstrap's settings, as both reports (this and study_report) take them."""
+  if not (isinstance(n_boot, int) and n_boot >= 2):
+    raise ValueError(f"n_boot={n_boot!r} bootstrap resamples: allowed an integer >= 2 (e.g. 1000).")
+  if not (isinstance(seed, int) and seed >= 0):
+    raise ValueError(f"seed={seed!r}: allowed an integer >= 0.")
+  if not 0 < level < 1:
+    raise ValueError(f"level={level!r}: allowed an interval level in (0, 1), e.g. 0.95.")
+
+
 def analyze(cols: dict[str, np.ndarray], *, form: str = "pure", sync_every: int | None = None,
             n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Analysis:
   """Selects runs, fits L(N), L(D), the L(C) frontier per algorithm, compares the algorithms."""
-  if not (isinstance(n_boot, int) and n_boot >= 2):
-    raise ValueError(f"n_boot={n_boot!r} bootstrap resamples: allowed an integer >= 2 (e.g. 1000).")
-  if not 0 < level < 1:
-    raise ValueError(f"level={level!r}: allowed an interval level in (0, 1), e.g. 0.95.")
+  check_bootstrap(n_boot, seed, level)
   notes = []
   missing = [c for c in REQUIRED_COLUMNS if c not in cols]
   if missing:

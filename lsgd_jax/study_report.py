@@ -129,6 +129,7 @@ def analyze(cols: dict[str, np.ndarray], main_budget: int | None = None, n_boot:
             seed: int = 0) -> Study:
   """Everything the report shows (see the module docstring). `main_budget` (tokens per
   parameter of the L(N) law; None: the budget run at the most sizes)."""
+  report.check_bootstrap(n_boot, seed)
   need = ("model_size", "seed", "lr", "outer_optimizer", "outer_lr", "outer_momentum",
           "transferred", "lr_extended")
   missing = [c for c in need if c not in cols]

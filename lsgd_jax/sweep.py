@@ -229,14 +229,11 @@ def _check_finished(rundir: str, run_cfg: ml_collections.ConfigDict) -> dict | N
   from lsgd_jax import checkpoint  # pylint: disable=import-outside-toplevel
   results = _read_json(os.path.join(rundir, "results.json")) or None
   saved = _read_json(os.path.join(rundir, "config.json"))
-  if results is not None and saved:
-    try:
-      checkpoint.check_compatible(saved, run_cfg)
-    except ValueError as e:
-      changes = str(e).split(": ", 1)[1].split(". Use a new workdir")[0]
-      raise ValueError(f"{rundir} finished with other settings than this sweep gives it "
-                       f"({changes}); the sweep would report that run under the new settings. "
-                       "Use a new --workdir for the changed sweep, or the old values.") from None
+  unsafe = checkpoint.config_changes(saved, run_cfg)[0] if results is not None and saved else []
+  if unsafe:
+    raise ValueError(f"{rundir} finished with other settings than this sweep gives it "
+                     f"({'; '.join(unsafe)}); the sweep would report that run under the new "
+                     "settings. Use a new --workdir for the changed sweep, or the old values.")
   return results
 
 
@@ -515,17 +512,19 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
     t_run = time.perf_counter()
     run_cfg = run_config(config, run, lr)
     results = _check_finished(rundir, run_cfg)
-    if (results is not None and results.get("failed_to_learn") and lead and not
-        os.path.exists(failed_path) and run_cfg.train.on_no_learning == "error"):
-      with open(failed_path, "w") as f:  # killed between its results.json and failed.json
-        json.dump({"error": results.get("verdict", "failed to learn")}, f)
-    if os.path.exists(failed_path) and not retry_failed:  # diverged, or learned nothing (then
-      row = _row(config, run, lr, rundir, "failed", None)  # results.json exists as well)
+    failed = os.path.exists(failed_path)  # diverged, or learned nothing (results.json as well)
+    if (results is not None and results.get("failed_to_learn") and not failed
+        and run_cfg.train.on_no_learning == "error"):
+      failed = True  # killed between its results.json and failed.json
+      if lead:
+        with open(failed_path, "w") as f:
+          json.dump({"error": results.get("verdict", "failed to learn")}, f)
+    if failed and not retry_failed:
+      row = _row(config, run, lr, rundir, "failed", None)
       counts["skipped"] += 1
       what = "failed before"
-    elif results is not None and not os.path.exists(failed_path):  # (--retry_failed: again)
-      wall = _read_json(wall_path).get("wall_seconds", math.nan) if os.path.exists(
-          wall_path) else math.nan
+    elif results is not None and not failed:  # (failed with --retry_failed: trained again)
+      wall = _read_json(wall_path).get("wall_seconds", math.nan)
       row = _row(config, run, lr, rundir, "done", results, wall)
       counts["skipped"] += 1
       what = "finished before"
@@ -535,7 +534,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, *, retry_failed: 
     else:
       log(f"{at} training {name}")
       try:
-        results = train_fn(run_config(config, run, lr), rundir)
+        results = train_fn(run_cfg, rundir)
         wall = time.perf_counter() - t_run
         row = _row(config, run, lr, rundir, "done", results, wall)
         what = "trained"

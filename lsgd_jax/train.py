@@ -340,7 +340,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       acts.checkpoints.save(end)
     else:  # the final checkpoint was saved, results.json was not (killed between): finish from it
       eval_loss = s.evaluate(state) if c.train.eval_batches else None
-      last_record = _last_record(os.path.join(workdir, "metrics.jsonl"), start)
+      last_record = _last_record(workdir, start)
     writer.close()
     results = _finish(s, workdir, ckpt, state, progs, tally, memory, eval_loss, last_record,
                       start, train_time, tag)
@@ -383,11 +383,9 @@ def _metrics(workdir: str) -> list[dict]:
   return metrics_lib.read_jsonl(path) if os.path.exists(path) else []
 
 
-def _last_record(path: str, step: int) -> dict:
+def _last_record(workdir: str, step: int) -> dict:
   """The metrics record of `step` (empty if there is none)."""
-  if not os.path.exists(path):
-    return {}
-  records = [r for r in metrics_lib.read_jsonl(path) if r["step"] == step]
+  records = [r for r in _metrics(workdir) if r["step"] == step]
   return records[-1] if records else {}
 
 

@@ -295,9 +295,9 @@ def test_fit_names_a_file_that_is_not_a_results_csv(tmp_path):
 
 @pytest.mark.parametrize("module, args, message", [
     ("fit", ["--results=docs/scaling_cpu/results.csv", "--out=/tmp/unused", "--study=v2",
-             "--n_boot=0"], "--n_boot=0: allowed an integer >= 2"),
+             "--n_boot=0"], "n_boot=0 bootstrap resamples: allowed an integer >= 2"),
     ("fit", ["--results=docs/scaling_cpu/results.csv", "--out=/tmp/unused", "--level=7"],
-     "--level=7.0: allowed an interval level in (0, 1)"),
+     "level=7.0: allowed an interval level in (0, 1)"),
     ("fit", ["--results=docs/scaling_cpu/results.csv", "--out=/tmp/unused", "--study=v2",
              "--level=0.9"], "--level applies to the plain fit"),
     ("edge", ["--scenarios=", "--workdir=/tmp/unused", "--out=/tmp/unused"],

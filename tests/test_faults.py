@@ -248,6 +248,16 @@ def test_a_state_of_another_shape_is_an_error_not_damage(reference, tmp_path, ca
                                        r"local_sgd.shard_outer=False"):
     train.train_and_evaluate(_config(local_sgd__shard_outer="False"), w)
   assert "damaged" not in capsys.readouterr().out
+  # the checkpoint says how many devices wrote it: a different count is named as a cause
+  for step in ("10", "20"):
+    meta = os.path.join(w, "checkpoints", step, "meta", "metadata")
+    with open(meta) as f:
+      text = f.read()
+    assert '"devices": 8' in text
+    with open(meta, "w") as f:
+      f.write(text.replace('"devices": 8', '"devices": 4'))
+  with pytest.raises(ValueError, match=r"it was written by a run on 4 devices and this run has 8"):
+    train.train_and_evaluate(_config(local_sgd__shard_outer="False"), w)
 
 
 def test_the_verdict_names_why_a_run_failed_to_learn():
